@@ -1,0 +1,5 @@
+import sys
+
+from volseg.cli import main
+
+sys.exit(main())
