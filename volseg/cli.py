@@ -78,6 +78,43 @@ def cmd_synth(args) -> int:
     return EXIT_OK
 
 
+def cmd_train(args) -> int:
+    if args.what != "strip":
+        raise SystemExit(f"volseg train: '{args.what}' training is not available yet; use 'strip'")
+    from volseg.strip.config import load_strip_config
+    from volseg.strip.train import train
+
+    cfg = load_strip_config(args.config)
+    summary = train(cfg, config_path=args.config, resume=args.resume, max_steps=args.steps)
+    print(f"best validation Dice {summary['best_val_dice']:.4f} after {summary['steps']} steps; "
+          f"outputs in {summary['out_dir']}")
+    return EXIT_OK
+
+
+def cmd_strip(args) -> int:
+    from volseg.device import pick_device
+    from volseg.io import check_writable_dir
+    from volseg.runner import run_batch
+    from volseg.strip.config import load_strip_config
+    from volseg.strip.infer import strip_file
+    from volseg.strip.model import load_model
+
+    cfg = load_strip_config(args.config)
+    check_writable_dir(args.output)
+    device = pick_device(args.device)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    net, _ = load_model(args.model, kind="strip", device=device)
+    inputs, dup = _unique_ids(args.inputs)
+    result = run_batch(inputs, lambda p: strip_file(p, args.output, net, cfg, device, tta=args.tta,
+                                                    border_mm=args.border), desc="strip")
+    for path, outs in result.done:
+        print(f"{path} -> {outs['mask']}")
+    return _finish(result, dup)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="volseg",
@@ -109,6 +146,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lesions", action="store_true", help="insert lesions and write their masks")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("strip", help="skull stripping: brain masks on each scan's own grid",
+                       description="Write <id>_desc-brain_mask.nii.gz (uint8, the input's grid) and "
+                                   "<id>_desc-brain_T1w.nii.gz with JSON sidecars.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI or MGH head scans")
+    p.add_argument("-o", "--output", required=True, type=Path, help="output folder")
+    p.add_argument("-c", "--config", type=Path, default=None, help="YAML settings (configs/strip.yaml)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--border", type=float, default=None, metavar="MM",
+                   help="grow (>0) or shrink (<0) the mask by MM millimetres")
+    p.add_argument("--tta", action="store_true", help="average with a left-right flipped prediction")
+    p.add_argument("--model", type=Path, default=None, help="model folder (default: the shipped model)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's)")
+    p.set_defaults(func=cmd_strip)
+
+    p = sub.add_parser("train", help="train a model (strip)",
+                       description="Train the skull-stripping network from a YAML config.")
+    p.add_argument("what", choices=["strip", "ae"], help="which model")
+    p.add_argument("-c", "--config", type=Path, required=True, help="YAML config, e.g. configs/strip.yaml")
+    p.add_argument("--resume", type=Path, default=None, metavar="CKPT", help="checkpoint (last.pt) to resume")
+    p.add_argument("--steps", type=int, default=None, help="override the number of training steps")
+    p.set_defaults(func=cmd_train)
     return parser
 
 

@@ -310,6 +310,14 @@ class AtomicWriter:
             raise OutputError(final, f"cannot write JSON ({exc.strerror or exc})") from None
         return Path(final)
 
+    def save_text(self, text: str, final: str | os.PathLike) -> Path:
+        tmp = self._tmp(Path(final))
+        try:
+            tmp.write_text(text)
+        except OSError as exc:
+            raise OutputError(final, f"cannot write file ({exc.strerror or exc})") from None
+        return Path(final)
+
     def commit(self) -> list[Path]:
         done = []
         for tmp, final in self._staged:

@@ -1,0 +1,42 @@
+"""Device choice with a clean CPU fallback (CUDA, mixed precision and pinned memory only on GPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str = "auto"):
+    """``"auto"`` takes CUDA when available; ``"cuda"`` without a GPU falls back to CPU with a warning."""
+    import torch
+
+    if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda" if name == "auto" else name)
+    if name != "auto":
+        log.warning("device %s asked for but CUDA is not available; using the CPU", name)
+    return torch.device("cpu")
+
+
+def autocast(device, enabled: bool = True):
+    """Mixed precision on CUDA (float16); a no-op context on CPU."""
+    import torch
+
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def grad_scaler(device, enabled: bool = True):
+    import torch
+
+    return torch.amp.GradScaler("cuda", enabled=bool(enabled and device.type == "cuda"))
+
+
+def pin_memory(device) -> bool:
+    return device.type == "cuda"

@@ -1,0 +1,1 @@
+"""Skull stripping: training (``train``), shipped weights (``model``) and inference (``infer``)."""

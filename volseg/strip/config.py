@@ -1,0 +1,86 @@
+"""Skull-stripping settings (``configs/strip.yaml``)."""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+
+from volseg.config import Config
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    in_channels: int = 1
+    out_channels: int = 1
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256)
+    strides: tuple[int, ...] = (2, 2, 2, 2)
+    num_res_units: int = 1
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    real: tuple[str, ...] = ()  # folders or CSV files of image/mask pairs (relative: to the config)
+    validation: tuple[str, ...] = ()  # held-out real image/mask pairs
+    synth_count: int = 200  # synthetic heads in the training pool
+    synth_seed: int = 1000
+    synth_ratio: float = 0.5  # share of training samples drawn from the synthetic pool
+    cache_dir: str = "runs/strip/cache"
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    prob: float = 0.8  # chance of each spatial augmentation
+    rotate_deg: float = 15.0
+    translate_mm: float = 16.0
+    scale: float = 0.12
+    flip_lr: float = 0.5
+    bias: float = 0.5
+    gamma: float = 0.5
+    contrast: float = 0.5
+    blur: float = 0.2
+    noise: float = 0.3
+    salt_pepper: float = 0.1
+    thick_slices: float = 0.3
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 3000
+    steps_per_epoch: int = 150
+    batch_size: int = 1
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    lambda_dice: float = 1.0
+    lambda_focal: float = 1.0
+    seed: int = 0
+    threads: int = 2
+    device: str = "auto"
+    amp: bool = True
+    out_dir: str = "runs/strip"
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    threshold: float = 0.5
+    border_mm: float = 0.0
+
+
+@dataclass(frozen=True)
+class StripConfig:
+    net: NetConfig = field(default_factory=NetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    preprocess: Config = field(default_factory=Config)
+
+
+def load_strip_config(path=None) -> StripConfig:
+    from volseg.config import load_config
+
+    return load_config(path, cls=StripConfig) if path else StripConfig()
+
+
+__all__ = ["StripConfig", "NetConfig", "DataConfig", "AugmentConfig", "TrainConfig",
+           "InferConfig", "load_strip_config", "typing"]

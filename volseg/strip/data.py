@@ -1,0 +1,186 @@
+"""Training data for skull stripping: real image/mask pairs and synthetic heads on the grid.
+
+Every pair goes through the same chain as at inference (:func:`volseg.preprocess.prepare`), and
+its mask is taken onto the same working grid; the results are cached as ``.npz`` files so a
+resumed or repeated training does not redo them.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+import string
+from pathlib import Path
+
+import numpy as np
+
+from volseg.config import Config
+from volseg.io import IMAGE_EXTENSIONS
+
+log = logging.getLogger(__name__)
+
+MASK_TAGS = ("_brainmask", "_desc-brain_mask", "_brain_mask", "_mask")
+
+
+def _strip_ext(name: str) -> tuple[str, str]:
+    for ext in IMAGE_EXTENSIONS:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)], name[-len(ext):]
+    return name, ""
+
+
+def shared_data_dir() -> Path:
+    """The shared real scans: ``$VOLSEG_SHARED_DATA``, by default ``../shared/data``."""
+    return Path(os.environ.get("VOLSEG_SHARED_DATA", "../shared/data"))
+
+
+def expand_path(spec: str) -> str:
+    """Expand ``${VOLSEG_SHARED_DATA}`` (default ``../shared/data``) and other variables."""
+    env = dict(os.environ)
+    env.setdefault("VOLSEG_SHARED_DATA", str(shared_data_dir()))
+    return string.Template(str(spec)).safe_substitute(env)
+
+
+def find_pairs(spec: str | Path, base: Path | None = None) -> list[tuple[Path, Path]]:
+    """Image/mask pairs from a CSV (columns ``image,mask``), a folder or one image file.
+
+    In a folder (searched recursively) every ``X_brainmask.nii.gz`` (or ``_desc-brain_mask``,
+    ``_brain_mask``, ``_mask``) pairs with ``X.nii.gz`` (or ``X_T1w.nii.gz``) beside it.
+    """
+    p = Path(spec)
+    if base is not None and not p.is_absolute():
+        p = base / p
+    if not p.exists():
+        raise FileNotFoundError(f"training data {p} not found")
+    if p.suffix.lower() == ".csv":
+        with open(p, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        if rows and not {"image", "mask"} <= set(rows[0]):
+            raise ValueError(f"{p}: CSV needs columns 'image' and 'mask', got {list(rows[0])}")
+        return [((p.parent / r["image"]).resolve(), (p.parent / r["mask"]).resolve()) for r in rows]
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if _strip_ext(f.name)[1])
+    pairs = []
+    for f in files:
+        stem, ext = _strip_ext(f.name)
+        for tag in MASK_TAGS:
+            if stem.endswith(tag):
+                break
+        else:
+            continue
+        img_stem = stem[: -len(tag)]
+        for cand in (img_stem + ext, img_stem + "_T1w" + ext):
+            if (f.parent / cand).exists():
+                pairs.append(((f.parent / cand).resolve(), f.resolve()))
+                break
+    if p.is_file():  # an image file: look for its mask beside it
+        stem, ext = _strip_ext(p.name)
+        pairs = [(p.resolve(), (p.parent / f"{stem}{tag}{ext}").resolve()) for tag in MASK_TAGS
+                 if (p.parent / f"{stem}{tag}{ext}").exists()][:1]
+    return pairs
+
+
+def grid_pair(image, mask: np.ndarray | None, meta, cfg: Config, n4: bool = True):
+    """Image and mask on the working grid: (image float32 (X,Y,Z), mask float32 in [0,1], prep)."""
+    import dataclasses
+
+    import torch
+    from monai.data import MetaTensor
+
+    from volseg.preprocess import prepare
+
+    if not n4:
+        cfg = dataclasses.replace(cfg, n4=dataclasses.replace(cfg.n4, backend="none"))
+    prep = prepare(image, meta, cfg)
+    img = prep.grid_image
+    grid = prep.chain.transforms[2].grid
+    out_mask = None
+    if mask is not None:
+        mt = MetaTensor(torch.as_tensor(mask[None].astype(np.float32)), affine=torch.as_tensor(meta.affine))
+        out_mask = grid(mt, grid_affine=np.asarray(img.affine))[0].numpy()
+    return img[0].numpy().astype(np.float32), out_mask, prep
+
+
+def _key(*parts) -> str:
+    return hashlib.sha1("|".join(str(p) for p in parts).encode()).hexdigest()[:16]
+
+
+def cached_real(pairs, cfg: Config, cache_dir: Path) -> list[Path]:
+    """Cache every real pair on the grid (N4 as at inference); returns the .npz paths."""
+    from volseg.io import load_image
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for img_path, mask_path in pairs:
+        st = Path(img_path).stat()
+        dest = cache_dir / f"real-{Path(img_path).name.split('.')[0]}-{_key(img_path, st.st_size, st.st_mtime, cfg)}.npz"
+        if not dest.exists():
+            data, meta = load_image(img_path)
+            mask, _ = load_image(mask_path)
+            if mask.shape != data.shape:
+                raise ValueError(f"{mask_path}: mask shape {mask.shape} differs from image {data.shape}")
+            img, m, _ = grid_pair(data, (mask > 0).astype(np.float32), meta, cfg)
+            _save(dest, img, m, source=str(img_path))
+            log.info("cached %s", dest.name)
+        out.append(dest)
+    return out
+
+
+def synth_sample(seed: int, cfg: Config):
+    """One synthetic head on the grid (no N4: its bias field is left as augmentation)."""
+    from volseg.io import ImageMeta
+    from volseg.synth import synth_head
+
+    subj = synth_head(seed)
+    zooms = tuple(float(z) for z in np.linalg.norm(subj.affine[:3, :3], axis=0))
+    meta = ImageMeta(path=f"<synth {seed}>", affine=subj.affine, shape=subj.image.shape, zooms=zooms)
+    img, m, _ = grid_pair(subj.image.astype(np.float32), subj.brain_mask.astype(np.float32), meta, cfg,
+                          n4=False)
+    return img, m
+
+
+def cached_synth(count: int, seed: int, cfg: Config, cache_dir: Path, workers: int = 1) -> list[Path]:
+    """A pool of ``count`` synthetic heads on the grid, generated once and cached."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    todo, out = [], []
+    for i in range(count):
+        dest = cache_dir / f"synth-{seed + i:06d}-{_key(seed + i, cfg)}.npz"
+        out.append(dest)
+        if not dest.exists():
+            todo.append((seed + i, dest))
+    if todo:
+        from tqdm import tqdm
+
+        args = [(s, d, cfg) for s, d in todo]
+        if workers > 1:
+            import multiprocessing as mp
+
+            with mp.get_context("spawn").Pool(workers) as pool:
+                list(tqdm(pool.imap_unordered(_make_synth, args), total=len(args), desc="synthetic heads"))
+        else:
+            for a in tqdm(args, desc="synthetic heads"):
+                _make_synth(a)
+    return out
+
+
+def _make_synth(args):
+    import torch
+
+    torch.set_num_threads(1)
+    seed, dest, cfg = args
+    img, m = synth_sample(seed, cfg)
+    _save(dest, img, m, source=f"synth:{seed}")
+    return dest
+
+
+def _save(dest: Path, img: np.ndarray, mask: np.ndarray, source: str) -> None:
+    tmp = dest.with_name(f".{dest.stem}.tmp.npz")
+    np.savez_compressed(tmp, image=img.astype(np.float16), mask=(mask > 0.5).astype(np.uint8),
+                        source=np.array(source))
+    tmp.replace(dest)
+
+
+def load_cached(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as z:
+        return z["image"].astype(np.float32), z["mask"].astype(np.float32)

@@ -1,0 +1,115 @@
+"""Skull-stripping inference: predict on the working grid, invert to the native grid, clean up.
+
+SynthStrip's ending: the probability map goes back to the scan's own grid (MONAI ``Invertd``
+through the chain's trace), is thresholded, the largest connected component kept, holes
+filled, the border optionally grown or shrunk in mm, and the mask saved with the input's
+geometry.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from volseg.config import config_to_dict
+from volseg.io import AtomicWriter, load_image, scan_id
+from volseg.preprocess import Prepared, prepare, provenance
+from volseg.strip.config import StripConfig
+from volseg.transforms.functional import largest_component
+
+MASK_SUFFIX = "_desc-brain_mask"
+BRAIN_SUFFIX = "_desc-brain_T1w"
+
+
+def predict_grid(net, grid_image, device, tta: bool = False):
+    """Brain probability on the working grid (a MetaTensor carrying the image's trace)."""
+    import torch
+
+    x = grid_image.as_tensor()[None].to(device) if hasattr(grid_image, "as_tensor") else grid_image[None].to(device)
+    with torch.inference_mode():
+        prob = torch.sigmoid(net(x.float()))
+        if tta:  # left-right flip: the working grid is RAS, so axis 2 of (B, C, X, Y, Z)
+            prob = (prob + torch.sigmoid(net(x.float().flip(2))).flip(2)) / 2
+    out = grid_image.clone()
+    out[0] = prob[0, 0].cpu()
+    return out
+
+
+def to_native(prob_grid, prep: Prepared) -> np.ndarray:
+    """Send a working-grid map back to the native grid (bilinear, through ``Invertd``)."""
+    from monai.transforms import Invertd
+
+    inv = Invertd(keys="pred", transform=prep.chain, orig_keys="image", nearest_interp=False)
+    d = inv({"pred": prob_grid, "image": prep.grid_image})
+    native = d["pred"][0].detach().cpu().numpy()
+    if native.shape != tuple(prep.meta.shape):
+        raise RuntimeError(f"inverse gave shape {native.shape}, expected {prep.meta.shape}")
+    return native
+
+
+def clean_mask(prob: np.ndarray, zooms, threshold: float = 0.5, border_mm: float = 0.0) -> np.ndarray:
+    """Threshold, keep the largest component, fill holes, then grow (>0) or shrink (<0) in mm."""
+    mask = largest_component(prob > threshold)
+    mask = ndi.binary_fill_holes(mask)
+    if border_mm:
+        if border_mm > 0:
+            dist = ndi.distance_transform_edt(~mask, sampling=zooms)
+            mask = dist <= border_mm
+        else:
+            dist = ndi.distance_transform_edt(mask, sampling=zooms)
+            mask = dist > -border_mm
+        mask = ndi.binary_fill_holes(largest_component(mask))
+    return mask.astype(np.uint8)
+
+
+def strip_volume(data, meta, net, cfg: StripConfig, device="cpu", tta: bool = False,
+                 border_mm: float | None = None) -> tuple[np.ndarray, Prepared, dict]:
+    """Brain mask (uint8, native grid) for an array read by :func:`volseg.io.load_image`."""
+    t0 = time.perf_counter()
+    prep = prepare(data, meta, cfg.preprocess)
+    t1 = time.perf_counter()
+    prob = predict_grid(net, prep.grid_image, device, tta=tta)
+    t2 = time.perf_counter()
+    native_prob = to_native(prob, prep)
+    border = cfg.infer.border_mm if border_mm is None else border_mm
+    mask = clean_mask(native_prob, meta.zooms, cfg.infer.threshold, border)
+    t3 = time.perf_counter()
+    timings = dict(prep.timings, predict_s=round(t2 - t1, 3), invert_clean_s=round(t3 - t2, 3),
+                   total_s=round(t3 - t0, 3))
+    return mask, prep, timings
+
+
+def strip_file(path: str, out_dir, net, cfg: StripConfig, device="cpu", tta: bool = False,
+               border_mm: float | None = None) -> dict[str, Path]:
+    """Write ``<id>_desc-brain_mask.nii.gz`` and ``<id>_desc-brain_T1w.nii.gz`` (+ JSON)."""
+    data, meta = load_image(path, nonfinite=cfg.preprocess.io.nonfinite)
+    mask, prep, timings = strip_volume(data, meta, net, cfg, device, tta, border_mm)
+    if not mask.any():
+        from volseg.errors import InputError
+
+        raise InputError(path, "no brain found (the predicted mask is empty); is this a head T1?")
+    sid = scan_id(path)
+    out = Path(out_dir)
+    vox_ml = float(np.prod(meta.zooms)) / 1000.0
+    model = getattr(net, "volseg_info", {})
+    common = provenance(meta, cfg.preprocess, N4=prep.grid_image.meta.get("volseg_n4", {}),
+                        Grid=prep.grid_image.meta.get("volseg_grid", {}), Timings=timings,
+                        Model={"sha256": model.get("sha256"), "net": model.get("net")},
+                        Inference={"tta": bool(tta), "threshold": cfg.infer.threshold,
+                                   "border_mm": cfg.infer.border_mm if border_mm is None else border_mm},
+                        BrainVolume_mL=round(float(mask.sum()) * vox_ml, 2))
+    with AtomicWriter() as w:
+        mask_path = w.save_image(mask, meta, out / f"{sid}{MASK_SUFFIX}.nii.gz", kind="mask")
+        w.save_json(dict(common, Type="Brain", SkullStripped=False), out / f"{sid}{MASK_SUFFIX}.json")
+        brain = np.where(mask > 0, data, 0).astype(np.float32)
+        brain_path = w.save_image(brain, meta, out / f"{sid}{BRAIN_SUFFIX}.nii.gz", kind="image")
+        w.save_json(dict(common, SkullStripped=True,
+                         Description="input intensities (not N4-corrected) inside the brain mask"),
+                    out / f"{sid}{BRAIN_SUFFIX}.json")
+    return {"mask": mask_path, "brain": brain_path, "timings": timings}
+
+
+__all__ = ["strip_file", "strip_volume", "clean_mask", "to_native", "predict_grid", "config_to_dict"]
