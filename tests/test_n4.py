@@ -27,27 +27,14 @@ def _smooth_log_field(shape, rng, amplitude=0.25):
     return (amplitude * field / np.abs(field).max()).astype(np.float32)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_n4_recovers_known_field(mni_2mm, seed):
-    data, affine = mni_2mm
-    zooms = tuple(np.linalg.norm(affine[:3, :3], axis=0))
-    applied = _smooth_log_field(data.shape, np.random.default_rng(seed))
-    mask = F.head_mask(data)
-    clean_est, _ = F.n4_log_field(data, zooms, mask=mask)
-    biased_est, info = F.n4_log_field(data * np.exp(applied), zooms, mask=mask)
-    recovered = biased_est - clean_est
-    r = np.corrcoef(recovered[mask], applied[mask])[0, 1]
-    assert r >= 0.95, f"correlation {r:.3f} between applied and recovered log field"
-    assert info["shrink"] == [3, 3, 3]  # 2 mm voxels, 6 mm target
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["colin27/ch2.nii.gz", "open_ms/patient04_study1_T1W.nii.gz"])
-def test_n4_recovers_known_field_on_real_heads(shared_data, name):
+@pytest.mark.parametrize("name,seed", [("colin27/ch2.nii.gz", 0), ("open_ms/patient04_study1_T1W.nii.gz", 7)])
+def test_n4_recovers_known_field_on_real_heads(shared_data, name, seed):
+    """Default settings; the recovered field is the difference of the estimates with and
+    without the applied field (what N4 attributes to the field we added)."""
     from volseg.io import load_image
 
     data, meta = load_image(shared_data / "wholehead" / name)
-    applied = _smooth_log_field(data.shape, np.random.default_rng(7))
+    applied = _smooth_log_field(data.shape, np.random.default_rng(seed))
     mask = F.head_mask(data)
     clean_est, _ = F.n4_log_field(data, meta.zooms, mask=mask)
     biased_est, _ = F.n4_log_field(data * np.exp(applied), meta.zooms, mask=mask)
@@ -56,10 +43,10 @@ def test_n4_recovers_known_field_on_real_heads(shared_data, name):
 
 
 def test_shrink_follows_voxel_size():
-    assert F.shrink_factors((1.0, 1.0, 1.0)) == (6, 6, 6)
-    assert F.shrink_factors((0.9, 0.9, 3.0)) == (7, 7, 2)
-    assert F.shrink_factors((0.5, 0.5, 6.0)) == (12, 12, 1)
-    assert F.shrink_factors((1.0, 1.0, 1.0), target_mm=4.0) == (4, 4, 4)
+    assert F.shrink_factors((1.0, 1.0, 1.0)) == (4, 4, 4)
+    assert F.shrink_factors((0.9, 0.9, 3.0)) == (4, 4, 1)
+    assert F.shrink_factors((0.5, 0.5, 6.0)) == (8, 8, 1)
+    assert F.shrink_factors((1.0, 1.0, 1.0), target_mm=6.0) == (6, 6, 6)
 
 
 def test_n4_transform_divides_by_the_field_without_rescaling(mni_2mm):

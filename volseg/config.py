@@ -21,10 +21,10 @@ class N4Config:
     """N4 bias-field correction (SimpleITK, or ANTs through nipype)."""
 
     backend: str = "simpleitk"  # "simpleitk" | "ants" | "none"
-    shrink_target_mm: float = 6.0  # per-axis shrink = max(1, round(target / voxel size))
+    shrink_target_mm: float = 4.0  # per-axis shrink = max(1, round(target / voxel size))
     shrink: typing.Optional[tuple[int, int, int]] = None  # explicit per-axis shrink factors
     iterations: tuple[int, ...] = (50, 50, 50, 50)  # per fitting level
-    convergence: float = 1e-7  # ~0: run every iteration (predictable time, no early stop)
+    convergence: float = 0.001
     bspline_spacing_mm: float = 200.0  # knot distance at the coarsest fitting level (ANTs -b)
     bspline_order: int = 3
     mask: str = "otsu"  # "otsu" head mask, or "none" for the whole field of view

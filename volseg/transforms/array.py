@@ -49,8 +49,8 @@ class N4BiasField(Transform):
 
     backend_choices = ("simpleitk", "ants", "none")
 
-    def __init__(self, backend: str = "simpleitk", shrink=None, shrink_target_mm: float = 6.0,
-                 iterations=(50, 50, 50, 50), convergence: float = 1e-7,
+    def __init__(self, backend: str = "simpleitk", shrink=None, shrink_target_mm: float = 4.0,
+                 iterations=(50, 50, 50, 50), convergence: float = 0.001,
                  bspline_spacing_mm: float = 200.0, bspline_order: int = 3, mask: str = "otsu"):
         if backend not in self.backend_choices:
             raise ValueError(f"N4 backend must be one of {self.backend_choices}, got {backend!r}")

@@ -63,7 +63,7 @@ def head_mask(data: np.ndarray, step: int = 1) -> np.ndarray:
     return ndi.binary_fill_holes(mask)
 
 
-def shrink_factors(zooms, target_mm: float = 6.0) -> tuple[int, int, int]:
+def shrink_factors(zooms, target_mm: float = 4.0) -> tuple[int, int, int]:
     """Per-axis shrink so that shrunk voxels are about ``target_mm`` (1 for thick slices)."""
     return tuple(max(1, int(round(target_mm / float(z)))) for z in zooms)  # type: ignore[return-value]
 
@@ -87,9 +87,9 @@ def n4_log_field(
     zooms,
     mask: np.ndarray | None = None,
     shrink: tuple[int, int, int] | None = None,
-    shrink_target_mm: float = 6.0,
+    shrink_target_mm: float = 4.0,
     iterations=(50, 50, 50, 50),
-    convergence: float = 1e-7,
+    convergence: float = 0.001,
     bspline_spacing_mm: float = 200.0,
     bspline_order: int = 3,
 ) -> tuple[np.ndarray, dict]:
@@ -147,8 +147,8 @@ def ants_available() -> bool:
 
 
 def n4_log_field_ants(data: np.ndarray, affine: np.ndarray, zooms, shrink=None,
-                      shrink_target_mm: float = 6.0, iterations=(50, 50, 50, 50),
-                      convergence: float = 1e-7, bspline_spacing_mm: float = 200.0,
+                      shrink_target_mm: float = 4.0, iterations=(50, 50, 50, 50),
+                      convergence: float = 0.001, bspline_spacing_mm: float = 200.0,
                       mask: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """The same estimate through nipype's ``ants.N4BiasFieldCorrection`` (needs ANTs on PATH)."""
     if not ants_available():
