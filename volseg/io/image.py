@@ -32,7 +32,8 @@ MIN_ZOOM_MM, MAX_ZOOM_MM = 0.5, 7.0
 # Voxels this far from axis alignment (degrees) are reported as oblique.
 OBLIQUE_TOLERANCE_DEG = 0.5
 
-DTYPES = {"mask": np.uint8, "map": np.float32, "image": np.float32, "label": np.int16}
+# "source": the input's integer dtype when the values fit (a masked copy of the input), else float32
+DTYPES = {"mask": np.uint8, "map": np.float32, "image": np.float32, "label": np.int16, "source": np.float32}
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,11 @@ def make_image(data: np.ndarray, meta: ImageMeta, kind: str = "image"):
             f"output for {meta.path} has shape {data.shape}, expected the input's {meta.shape}"
         )
     dtype = DTYPES[kind]
+    if kind == "source" and np.issubdtype(np.dtype(meta.source_dtype), np.integer):
+        info = np.iinfo(np.dtype(meta.source_dtype))
+        if (data.size and info.min <= data.min() and data.max() <= info.max
+                and np.array_equal(data, np.rint(data))):
+            dtype = np.dtype(meta.source_dtype)  # the input's own integers, exactly
     if kind == "mask":
         data = (data > 0).astype(np.uint8)
     else:

@@ -105,7 +105,7 @@ def strip_file(path: str, out_dir, net, cfg: StripConfig, device="cpu", tta: boo
         mask_path = w.save_image(mask, meta, out / f"{sid}{MASK_SUFFIX}.nii.gz", kind="mask")
         w.save_json(dict(common, Type="Brain", SkullStripped=False), out / f"{sid}{MASK_SUFFIX}.json")
         brain = np.where(mask > 0, data, 0).astype(np.float32)
-        brain_path = w.save_image(brain, meta, out / f"{sid}{BRAIN_SUFFIX}.nii.gz", kind="image")
+        brain_path = w.save_image(brain, meta, out / f"{sid}{BRAIN_SUFFIX}.nii.gz", kind="source")
         w.save_json(dict(common, SkullStripped=True,
                          Description="input intensities (not N4-corrected) inside the brain mask"),
                     out / f"{sid}{BRAIN_SUFFIX}.json")

@@ -120,8 +120,12 @@ def export_weights(net, cfg: StripConfig, dest_dir: Path, extra: dict) -> Path:
 
 
 def train(cfg: StripConfig, config_path: Path | None = None, resume: Path | None = None,
-          max_steps: int | None = None, progress: bool = True) -> dict:
-    """Train; returns a summary dict (best validation Dice, steps, wall time, paths)."""
+          max_steps: int | None = None, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Train; returns a summary dict (best validation Dice, steps, wall time, paths).
+
+    ``resume`` continues a checkpoint of the same schedule (same total steps); ``stop_after``
+    ends early at that step, as an interruption would (for tests).
+    """
     from monai.losses import DiceFocalLoss
     from monai.utils import set_determinism
     from tqdm import tqdm
@@ -156,6 +160,9 @@ def train(cfg: StripConfig, config_path: Path | None = None, resume: Path | None
     if resume:
         ckpt = torch.load(resume, map_location=device, weights_only=True)
         net.load_state_dict(ckpt["model"]); opt.load_state_dict(ckpt["optimizer"])
+        if int(ckpt.get("total_steps", total)) != total:
+            raise ValueError(f"{resume}: checkpoint belongs to a {int(ckpt['total_steps'])}-step schedule, "
+                             f"but {total} steps were asked for; resume with the same number of steps")
         sched.load_state_dict(ckpt["scheduler"]); step = int(ckpt["step"]); best = float(ckpt["best_dice"])
         log.info("resumed from %s at step %d (best Dice %.4f)", resume, step, best)
 
@@ -195,10 +202,13 @@ def train(cfg: StripConfig, config_path: Path | None = None, resume: Path | None
                 export_weights(net, cfg, out / "best", {"step": step, "validation": v,
                                                         "config": config_to_dict(cfg)})
             ckpt = {"model": net.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "step": step, "best_dice": best}
+                    "scheduler": sched.state_dict(), "step": step, "best_dice": best,
+                    "total_steps": total}
             torch.save(ckpt, out / ".last.pt.tmp")
             (out / ".last.pt.tmp").replace(out / "last.pt")
             _plot(log_csv, out / "learning_curve.png")
+        if stop_after is not None and step >= stop_after:
+            break
     summary = {"steps": step, "best_val_dice": best, "wall_s": round(time.perf_counter() - t_start, 1),
                "out_dir": str(out), "history": history[-1:] if history else []}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -1,0 +1,169 @@
+"""Skull stripping: training runs and its loss falls, weights are checked, masks land on the
+input grid, and the shipped model reaches Dice >= 0.95 on Colin27 through the installed CLI."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from volseg.strip.config import AugmentConfig, DataConfig, NetConfig, StripConfig, TrainConfig
+from volseg.strip.model import PACKAGE_MODELS, WeightsError, load_model, write_model
+
+TINY_NET = NetConfig(channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
+NO_AUG = AugmentConfig(prob=0, flip_lr=0, bias=0, gamma=0, contrast=0, blur=0, noise=0,
+                       salt_pepper=0, thick_slices=0)
+
+
+def _dice(a, b):
+    a, b = np.asarray(a) > 0, np.asarray(b) > 0
+    return 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def _tiny_cfg(tmp_path, tiny_head, steps=20, **train_kw):
+    image, _ = tiny_head
+    return StripConfig(
+        net=TINY_NET,
+        data=DataConfig(real=(str(image.parent),), validation=(str(image),), synth_count=1,
+                        synth_seed=5, synth_ratio=0.5, cache_dir=str(tmp_path / "cache")),
+        augment=NO_AUG,
+        train=TrainConfig(steps=steps, steps_per_epoch=5, lr=1e-2, threads=1, device="cpu",
+                          out_dir=str(tmp_path / "run"), **train_kw),
+    )
+
+
+def test_tiny_network_trains_and_its_loss_falls(tmp_path, tiny_head):
+    from volseg.strip.train import train
+
+    cfg = _tiny_cfg(tmp_path, tiny_head)
+    summary = train(cfg, progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [5, 10, 15, 20]
+    losses = [float(r["train_loss"]) for r in rows]
+    assert losses[-1] < losses[0] * 0.9, losses
+    for key in ("val_dice", "val_iou", "val_hd95_mm"):
+        assert all(np.isfinite(float(r[key])) for r in rows)
+    assert (tmp_path / "run" / "learning_curve.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "best" / "model.safetensors").exists()
+    assert summary["steps"] == 20
+
+    # an interrupted run resumed from its checkpoint ends where the uninterrupted one did
+    cfg_b = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(tmp_path / "b")))
+    train(cfg_b, progress=False, stop_after=10)
+    assert [r["step"] for r in csv.DictReader(open(tmp_path / "b" / "log.csv"))] == ["5", "10"]
+    summary_b = train(cfg_b, resume=tmp_path / "b" / "last.pt", progress=False)
+    assert summary_b["steps"] == 20
+    rows_b = list(csv.DictReader(open(tmp_path / "b" / "log.csv")))
+    assert [int(r["step"]) for r in rows_b] == [5, 10, 15, 20]
+    assert abs(float(rows_b[-1]["train_loss"]) - losses[-1]) < 0.05 * losses[-1]
+    # a checkpoint of another schedule is refused with a clear message
+    cfg_c = dataclasses.replace(cfg_b, train=dataclasses.replace(cfg_b.train, steps=25))
+    with pytest.raises(ValueError, match="20-step schedule"):
+        train(cfg_c, resume=tmp_path / "b" / "last.pt", progress=False)
+
+
+def test_weights_are_checked_and_corruption_refused(tmp_path):
+    from volseg.nets import build_unet
+
+    net = build_unet(TINY_NET)
+    write_model(net, TINY_NET, tmp_path / "m")
+    loaded, info = load_model(tmp_path / "m")
+    assert len(info["sha256"]) == 64
+    data = bytearray((tmp_path / "m" / "model.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "m" / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="checksum mismatch"):
+        load_model(tmp_path / "m")
+    with pytest.raises(WeightsError, match="no model.json"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_corrupt_shipped_weights_refused_by_cli(run_cli, tmp_path, tiny_head):
+    if not (PACKAGE_MODELS / "strip" / "model.json").exists():
+        pytest.fail("the shipped strip model is missing from volseg/models/strip")
+    bad = tmp_path / "model"
+    shutil.copytree(PACKAGE_MODELS / "strip", bad)
+    w = bad / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-100])
+    res = run_cli("strip", tiny_head[0], "-o", tmp_path / "out", "--model", bad)
+    assert res.returncode == 1
+    assert "checksum mismatch" in res.stderr and "model.safetensors" in res.stderr
+    assert not (tmp_path / "out" / "sub-tiny_desc-brain_mask.nii.gz").exists()
+
+
+def test_clean_mask_keeps_largest_component_fills_holes_and_moves_border():
+    from volseg.strip.infer import clean_mask
+
+    prob = np.zeros((40, 40, 40), np.float32)
+    prob[10:30, 10:30, 10:30] = 0.9
+    prob[18:22, 18:22, 18:22] = 0.1  # a hole
+    prob[2:4, 2:4, 2:4] = 0.9  # a stray blob
+    m = clean_mask(prob, (1.0, 1.0, 1.0))
+    assert m.dtype == np.uint8 and m[20, 20, 20] == 1 and m[3, 3, 3] == 0
+    assert m.sum() == 20**3
+    grown = clean_mask(prob, (1.0, 1.0, 1.0), border_mm=2.0)
+    shrunk = clean_mask(prob, (1.0, 1.0, 1.0), border_mm=-2.0)
+    assert grown.sum() > m.sum() > shrunk.sum()
+    assert grown[10:30, 10:30, 10:30].all() and shrunk.sum() >= 15**3
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    if not (PACKAGE_MODELS / "strip" / "model.json").exists():
+        pytest.fail("the shipped strip model is missing from volseg/models/strip")
+    return load_model(kind="strip")[0]
+
+
+@pytest.mark.parametrize("axcodes,oblique", [("RAS", False), ("LPS", False), ("LIA", False), ("RAS", True)])
+def test_masks_come_back_on_the_input_grid(shipped, tmp_path, axcodes, oblique):
+    from volseg.io import ImageMeta, load_image
+    from volseg.strip.config import StripConfig
+    from volseg.strip.infer import strip_file
+    from volseg.synth import synth_head, write_subject
+
+    subj = synth_head(21, voxel_size=(1.5, 1.5, 1.5), axcodes=axcodes, oblique=oblique)
+    paths = write_subject(subj, tmp_path / "in", "sub-geo")
+    outs = strip_file(str(paths["image"]), tmp_path / "out", shipped, StripConfig())
+    mask_img = nib.load(str(outs["mask"]))
+    src = nib.load(str(paths["image"]))
+    assert mask_img.shape == src.shape
+    assert np.allclose(mask_img.affine, src.affine)
+    assert mask_img.get_data_dtype() == np.uint8
+    assert "".join(nib.aff2axcodes(mask_img.affine)) == "".join(nib.aff2axcodes(src.affine))
+    dice = _dice(np.asarray(mask_img.dataobj), subj.brain_mask)
+    assert dice >= 0.9, f"{axcodes} oblique={oblique}: Dice {dice:.3f} with the synthetic truth"
+    _, meta = load_image(outs["brain"])
+    assert meta.shape == src.shape
+
+
+@pytest.mark.slow
+def test_golden_colin27_through_the_cli(run_cli, shared_data, tmp_path):
+    """The shipped model on Colin27 (held out from training) against its BET mask."""
+    image = shared_data / "wholehead" / "colin27" / "ch2.nii.gz"
+    ref = nib.load(str(shared_data / "wholehead" / "colin27" / "ch2_brainmask.nii.gz"))
+    res = run_cli("strip", image, "-o", tmp_path / "out", "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    out = nib.load(str(tmp_path / "out" / "ch2_desc-brain_mask.nii.gz"))
+    assert out.shape == ref.shape and np.allclose(out.affine, nib.load(str(image)).affine)
+    dice = _dice(np.asarray(out.dataobj), np.asarray(ref.dataobj))
+    assert dice >= 0.95, f"Colin27 Dice {dice:.4f}"
+
+
+def test_find_pairs_from_folder_csv_and_file(tmp_path, tiny_head):
+    from volseg.strip.data import find_pairs
+
+    image, mask = tiny_head
+    folder_pairs = find_pairs(image.parent)
+    assert folder_pairs == [(image.resolve(), mask.resolve())]
+    csv_path = tmp_path / "pairs.csv"
+    csv_path.write_text(f"image,mask\n{image},{mask}\n")
+    assert find_pairs(csv_path) == [(image.resolve(), mask.resolve())]
+    assert find_pairs(image) == [(image.resolve(), mask.resolve())]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("img,msk\na,b\n")
+    with pytest.raises(ValueError, match="columns 'image' and 'mask'"):
+        find_pairs(bad)
