@@ -153,7 +153,9 @@ def train(cfg: StripConfig, config_path: Path | None = None, resume: Path | None
     net = build_unet(cfg.net).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     total = max_steps or tc.steps
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tc.lr, total_steps=total, pct_start=0.05)
+    # 5% warm-up (at least 2 steps, which OneCycleLR needs for short runs)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tc.lr, total_steps=total,
+                                                pct_start=min(0.5, max(0.05, 2.0 / total)))
     scaler = grad_scaler(device, tc.amp)
     loss_fn = DiceFocalLoss(sigmoid=True, lambda_dice=tc.lambda_dice, lambda_focal=tc.lambda_focal)
     step, best, history = 0, -1.0, []
@@ -209,6 +211,9 @@ def train(cfg: StripConfig, config_path: Path | None = None, resume: Path | None
             _plot(log_csv, out / "learning_curve.png")
         if stop_after is not None and step >= stop_after:
             break
+    if step >= total:  # the end of the schedule: what the shipped model is made from
+        export_weights(net, cfg, out / "final", {"step": step, "validation": history[-1] if history else None,
+                                                 "config": config_to_dict(cfg)})
     summary = {"steps": step, "best_val_dice": best, "wall_s": round(time.perf_counter() - t_start, 1),
                "out_dir": str(out), "history": history[-1:] if history else []}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
