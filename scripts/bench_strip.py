@@ -31,7 +31,6 @@ def measure_one(path: str, threads: int, tta: bool) -> dict:
     import time
 
     sys.path.insert(0, str(REPO))
-    import numpy as np
     import torch
 
     if threads:

@@ -120,7 +120,7 @@ def shipped():
 
 @pytest.mark.parametrize("axcodes,oblique", [("RAS", False), ("LPS", False), ("LIA", False), ("RAS", True)])
 def test_masks_come_back_on_the_input_grid(shipped, tmp_path, axcodes, oblique):
-    from volseg.io import ImageMeta, load_image
+    from volseg.io import load_image
     from volseg.strip.config import StripConfig
     from volseg.strip.infer import strip_file
     from volseg.synth import synth_head, write_subject

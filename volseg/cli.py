@@ -85,7 +85,7 @@ def cmd_train(args) -> int:
     from volseg.strip.train import train
 
     cfg = load_strip_config(args.config)
-    summary = train(cfg, config_path=args.config, resume=args.resume, max_steps=args.steps)
+    summary = train(cfg, resume=args.resume, max_steps=args.steps)
     print(f"best validation Dice {summary['best_val_dice']:.4f} after {summary['steps']} steps; "
           f"outputs in {summary['out_dir']}")
     return EXIT_OK

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as TF
 from monai.transforms import (
@@ -108,4 +107,4 @@ def seeded(transform: Compose, seed: int) -> Compose:
     return transform
 
 
-__all__ = ["RandSaltPepperd", "RandThickSlicesd", "train_augmentation", "seeded", "np"]
+__all__ = ["RandSaltPepperd", "RandThickSlicesd", "train_augmentation", "seeded"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import typing
 from dataclasses import dataclass, field
 
 from volseg.config import Config
@@ -83,4 +82,4 @@ def load_strip_config(path=None) -> StripConfig:
 
 
 __all__ = ["StripConfig", "NetConfig", "DataConfig", "AugmentConfig", "TrainConfig",
-           "InferConfig", "load_strip_config", "typing"]
+           "InferConfig", "load_strip_config"]

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from volseg.config import config_to_dict
 from volseg.io import AtomicWriter, load_image, scan_id
 from volseg.preprocess import Prepared, prepare, provenance
 from volseg.strip.config import StripConfig
@@ -112,4 +111,4 @@ def strip_file(path: str, out_dir, net, cfg: StripConfig, device="cpu", tta: boo
     return {"mask": mask_path, "brain": brain_path, "timings": timings}
 
 
-__all__ = ["strip_file", "strip_volume", "clean_mask", "to_native", "predict_grid", "config_to_dict"]
+__all__ = ["strip_file", "strip_volume", "clean_mask", "to_native", "predict_grid"]

@@ -49,7 +49,6 @@ def write_model(net, net_cfg, dest_dir: Path, extra: dict | None = None, half: b
 
 def load_model(model_dir: Path | str | None = None, kind: str = "strip", device="cpu"):
     """Build the network described by ``model.json`` and load its checked safetensors weights."""
-    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -85,5 +84,4 @@ def load_model(model_dir: Path | str | None = None, kind: str = "strip", device=
     return net, info
 
 
-__all__ = [
-    "WeightsError", "load_model", "write_model", "sha256"]
+__all__ = ["WeightsError", "load_model", "write_model", "sha256"]

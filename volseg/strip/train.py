@@ -10,7 +10,6 @@ drawn in ``learning_curve.png``.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import logging
 import time
@@ -119,7 +118,7 @@ def export_weights(net, cfg: StripConfig, dest_dir: Path, extra: dict) -> Path:
     return write_model(net, cfg.net, dest_dir, extra)
 
 
-def train(cfg: StripConfig, config_path: Path | None = None, resume: Path | None = None,
+def train(cfg: StripConfig, resume: Path | None = None,
           max_steps: int | None = None, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train; returns a summary dict (best validation Dice, steps, wall time, paths).
 
@@ -220,4 +219,4 @@ def train(cfg: StripConfig, config_path: Path | None = None, resume: Path | None
     return summary
 
 
-__all__ = ["train", "validate", "MixedGridDataset", "dataclasses"]
+__all__ = ["train", "validate", "MixedGridDataset"]
