@@ -41,6 +41,13 @@ class Prepared:
     def grid_image(self):
         return self.data["image"]
 
+    @property
+    def grid(self):
+        """The chain's :class:`~volseg.transforms.HeadGrid`, to put other volumes on the same grid."""
+        from volseg.transforms import HeadGridd
+
+        return next(t.grid for t in self.chain.transforms if isinstance(t, HeadGridd))
+
 
 def prepare(data: np.ndarray, meta: ImageMeta, cfg: Config) -> Prepared:
     """N4 + working grid + normalisation on an array read by :func:`volseg.io.load_image`."""

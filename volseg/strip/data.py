@@ -94,7 +94,7 @@ def grid_pair(image, mask: np.ndarray | None, meta, cfg: Config, n4: bool = True
         cfg = dataclasses.replace(cfg, n4=dataclasses.replace(cfg.n4, backend="none"))
     prep = prepare(image, meta, cfg)
     img = prep.grid_image
-    grid = prep.chain.transforms[2].grid
+    grid = prep.grid
     out_mask = None
     if mask is not None:
         mt = MetaTensor(torch.as_tensor(mask[None].astype(np.float32)), affine=torch.as_tensor(meta.affine))
@@ -145,7 +145,8 @@ def cached_synth(count: int, seed: int, cfg: Config, cache_dir: Path, workers: i
     cache_dir.mkdir(parents=True, exist_ok=True)
     todo, out = [], []
     for i in range(count):
-        dest = cache_dir / f"synth-{seed + i:06d}-{_key(seed + i, cfg)}.npz"
+        # keyed by what shapes a synthetic sample (no N4 is applied to them)
+        dest = cache_dir / f"synth-{seed + i:06d}-{_key(seed + i, cfg.grid, cfg.intensity)}.npz"
         out.append(dest)
         if not dest.exists():
             todo.append((seed + i, dest))
