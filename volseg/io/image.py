@@ -95,7 +95,7 @@ def scan_id(path: str | os.PathLike) -> str:
     return stripped or name
 
 
-def _validate_header(img, path: str) -> tuple[np.ndarray, int, int, list[str]]:
+def _validate_header(img) -> tuple[np.ndarray, int, int, list[str]]:
     """Pick the affine the way niworkflows' ValidateImage does; return it with codes and warnings."""
     import nibabel as nib
 
@@ -164,7 +164,7 @@ def load_image(path: str | os.PathLike, nonfinite: str = "zero") -> tuple[np.nda
     except (EOFError, OSError, ValueError, zlib.error) as exc:
         raise InputError(path, f"image data is truncated or corrupt ({_short(exc)})") from None
 
-    affine, qcode, scode, warnings = _validate_header(img, path)
+    affine, qcode, scode, warnings = _validate_header(img)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InputError(path, "header affine is singular or not finite")
     zooms = tuple(float(z) for z in np.linalg.norm(affine[:3, :3], axis=0))
