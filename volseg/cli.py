@@ -168,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, default=None, metavar="CKPT", help="checkpoint (last.pt) to resume")
     p.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     p.set_defaults(func=cmd_train)
+
+    from volseg import cli_anomaly, cli_cohort, cli_hpc
+
+    for module in (cli_anomaly, cli_cohort, cli_hpc):
+        module.register(sub)
     return parser
 
 
