@@ -1,0 +1,290 @@
+"""``volseg run``: a cohort through the stages, resumable, failure-isolated, optionally sharded.
+
+:func:`run_cohort` finds the scans (:mod:`volseg.cohort.inputs`), takes this shard's share
+(:mod:`volseg.cohort.shard`), skips scans already complete for the same settings, processes
+the others (:mod:`volseg.cohort.stages`, :mod:`volseg.cohort.export`) with ``jobs`` worker
+processes, and rebuilds the tables and the report (:mod:`volseg.cohort.tables`). Logs and the
+run's arguments and versions go to ``OUT/logs/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from volseg import __version__
+from volseg.io import AtomicWriter, check_writable_dir
+
+log = logging.getLogger("volseg")
+
+
+@dataclass
+class RunResult:
+    done: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+    scans: int = 0
+    log_file: Path | None = None
+    tables: list[Path] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a worker needs to rebuild the run's :class:`~volseg.cohort.stages.Context`."""
+
+    stages: tuple[str, ...] | None = None
+    config: str | None = None
+    device: str = "auto"
+    threads: int = 0
+    tta: bool = False
+    border_mm: float | None = None
+    strip_model: str | None = None
+    figures: bool = True
+
+
+def write_dataset_description(out: Path, sources: list[str]) -> Path:
+    desc = {
+        "Name": "volseg derivatives",
+        "BIDSVersion": "1.9.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "volseg", "Version": __version__,
+                         "Description": "N4 bias correction, skull stripping and anomaly maps"}],
+        "SourceDatasets": [{"URL": Path(s).resolve().as_uri()} for s in sources if Path(s).is_dir()],
+    }
+    with AtomicWriter() as w:
+        w.save_json(desc, Path(out) / "dataset_description.json")
+    return Path(out) / "dataset_description.json"
+
+
+@contextlib.contextmanager
+def thread_limits(threads: int):
+    """torch and SimpleITK thread counts for the run, restored afterwards."""
+    if threads <= 0:
+        yield
+        return
+    import SimpleITK as sitk
+    import torch
+
+    old_torch = torch.get_num_threads()
+    old_itk = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    torch.set_num_threads(threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_torch)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(old_itk)
+
+
+def _context(opts: RunOptions):
+    from volseg.cohort.stages import build_context
+    from volseg.device import pick_device
+    from volseg.strip.config import load_strip_config
+
+    cfg = load_strip_config(opts.config)
+    return build_context(opts.stages, cfg, device=pick_device(opts.device), tta=opts.tta,
+                         border_mm=opts.border_mm, figures=opts.figures,
+                         strip_model=opts.strip_model)
+
+
+def process_scan(out: Path, scan, ctx) -> dict:
+    """Compute and export one scan; on failure remove its outputs and record the error."""
+    from volseg.cohort.export import base_record, export_scan, remove_outputs, start_scan, write_record
+    from volseg.cohort.stages import ScanFailure, compute_scan
+
+    start_scan(out, scan)
+    try:
+        res = compute_scan(scan.path, ctx)
+        try:
+            record = export_scan(out, scan, res, ctx)
+        except Exception as exc:
+            from volseg.errors import VolsegError
+
+            if not isinstance(exc, VolsegError):
+                log.exception("%s: unexpected error while writing outputs", scan.path)
+            raise ScanFailure("export", str(exc) if isinstance(exc, VolsegError)
+                              else f"{scan.path}: unexpected {type(exc).__name__} while writing "
+                                   f"outputs: {exc}") from exc
+        log.info("%s: done in %.1f s -> %s", scan.path, record["timings"]["total_s"],
+                 Path(out) / scan.rel_dir)
+        return record
+    except ScanFailure as fail:
+        log.error("%s (stage %s)", fail.error, fail.stage)
+        remove_outputs(out, scan)
+        record = base_record(scan, "failed")
+        record.update(stage=fail.stage, error=fail.error)
+        write_record(out, scan, record)
+        return record
+
+
+# -- worker processes (--jobs > 1) --------------------------------------------------------
+_WORKER: dict = {}
+
+
+def _init_worker(opts: RunOptions, threads: int, log_file: str | None) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    except ImportError:
+        pass
+    if log_file:
+        _add_file_handler(Path(log_file))
+    _WORKER["ctx"] = _context(opts)
+
+
+def _worker_task(out: str, scan) -> dict:
+    return process_scan(Path(out), scan, _WORKER["ctx"])
+
+
+def _add_file_handler(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    log.addHandler(handler)
+    if log.getEffectiveLevel() > logging.INFO:
+        # INFO for the file only: hold the console handlers at the level they showed before
+        shown = log.getEffectiveLevel()
+        for h in logging.getLogger().handlers:
+            if h.level == logging.NOTSET:
+                h.setLevel(shown)
+                _RESTORE.append(h)
+        log.setLevel(logging.INFO)
+    return handler
+
+
+_RESTORE: list[logging.Handler] = []
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("volseg", "torch", "monai", "nibabel", "nilearn", "SimpleITK", "pybids", "nipype"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def run_cohort(inputs, out, *, opts: RunOptions = RunOptions(), participants=(), jobs: int = 1,
+               shard=None, overwrite: bool = False, report: bool = True, progress=None,
+               argv=None) -> RunResult:
+    """Run the cohort named by ``inputs`` into the BIDS-derivatives folder ``out``."""
+    from tqdm import tqdm
+
+    from volseg.cohort.export import base_record, is_complete, read_record
+    from volseg.cohort.inputs import discover, split_duplicates
+    from volseg.cohort.shard import select_shard, shard_name
+    from volseg.cohort.tables import gather, write_tables
+
+    out = check_writable_dir(out)
+    logs = check_writable_dir(out / "logs")
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+    tag = shard_name(shard)
+    log_file = logs / f"volseg-run_{stamp}{'_' + tag if tag else ''}.log"
+    handler = _add_file_handler(log_file)
+    result = RunResult(log_file=log_file)
+    old_level = log.level
+    try:
+        scans = discover(inputs, tuple(participants))
+        scans, dups = split_duplicates(scans)
+        mine = select_shard(scans, shard)
+        mine_dups = select_shard(dups, shard)
+        result.scans = len(mine) + len(mine_dups)
+        log.info("volseg %s run: %d scan(s)%s -> %s", __version__, result.scans,
+                 f" (shard {shard[0]}/{shard[1]} of {len(scans) + len(dups)})" if shard else "", out)
+        write_dataset_description(out, [str(i) for i in inputs])
+        with thread_limits(opts.threads if jobs <= 1 else 0):
+            ctx = _context(opts)
+            fp = ctx.fingerprint()
+            with AtomicWriter() as w:
+                w.save_json({"argv": list(argv) if argv is not None else sys.argv, "inputs": [str(i) for i in inputs],
+                             "shard": list(shard) if shard else None, "jobs": jobs,
+                             "overwrite": overwrite, "scans": result.scans,
+                             "settings": ctx.settings(), "fingerprint": fp,
+                             "versions": _versions()}, log_file.with_suffix(".json"))
+            dup_records = []
+            for scan, err in mine_dups:  # no record file: it would be the first scan's
+                log.error("%s", err)
+                rec = base_record(scan, "failed")
+                rec.update(stage="inputs", error=err)
+                dup_records.append(rec)
+            result.failed += dup_records
+            todo = []
+            for scan in mine:
+                if not overwrite and is_complete(out, scan, fp):
+                    result.skipped.append(read_record(out, scan))
+                else:
+                    todo.append(scan)
+            if result.skipped:
+                log.info("%d scan(s) already complete, skipped (--overwrite redoes them)",
+                         len(result.skipped))
+            bar = tqdm(total=len(todo), desc="volseg run", unit="scan", disable=progress is False
+                       or (progress is None and not sys.stderr.isatty()) or not todo)
+            for rec in _execute(out, todo, ctx, opts, jobs, log_file):
+                (result.done if rec["status"] == "ok" else result.failed).append(rec)
+                bar.update(1)
+            bar.close()
+        if shard is not None:
+            mine_recs = [r for r in (read_record(out, s) for s in mine) if r]
+            result.tables = list(write_tables(logs, mine_recs + dup_records, prefix=tag))
+        else:
+            result.tables = gather(out, report=report, extra=dup_records).paths
+        log.info("finished: %d done, %d skipped, %d failed", len(result.done), len(result.skipped),
+                 len(result.failed))
+        return result
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+        log.setLevel(old_level)
+        while _RESTORE:
+            _RESTORE.pop().setLevel(logging.NOTSET)
+
+
+def _execute(out: Path, todo: list, ctx, opts: RunOptions, jobs: int, log_file: Path):
+    """Process ``todo`` in this process (``jobs <= 1``) or in ``jobs`` spawned workers."""
+    if jobs <= 1 or len(todo) <= 1:
+        for scan in todo:
+            yield process_scan(out, scan, ctx)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    jobs = min(jobs, len(todo))
+    total = opts.threads or os.cpu_count() or 1
+    threads = max(1, total // jobs)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                             initializer=_init_worker,
+                             initargs=(opts, threads, str(log_file))) as pool:
+        futures = {pool.submit(_worker_task, str(out), s): s for s in todo}
+        for fut in as_completed(futures):
+            scan = futures[fut]
+            try:
+                yield fut.result()
+            except Exception as exc:  # a worker died (e.g. killed for memory)
+                from volseg.cohort.export import base_record, remove_outputs, write_record
+
+                msg = f"{scan.path}: worker process failed ({type(exc).__name__}: {exc})"
+                log.error("%s", msg)
+                remove_outputs(out, scan)
+                rec = base_record(scan, "failed")
+                rec.update(stage="worker", error=msg)
+                write_record(out, scan, rec)
+                yield rec

@@ -1,0 +1,227 @@
+"""The per-scan computation of ``volseg run``: load -> N4 (+ working grid) -> strip -> anomaly.
+
+N4 runs once: the :class:`~volseg.preprocess.Prepared` of the N4 stage feeds the strip network
+(on its working grid) and the anomaly model (its N4-corrected native image).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from volseg.errors import InputError, VolsegError
+
+log = logging.getLogger("volseg")
+
+ALL_STAGES = ("n4", "strip", "anomaly")
+# "export" (writing outputs, pictures and the summary row) always runs; it may be listed.
+ALWAYS = ("export",)
+
+
+class StageError(VolsegError):
+    """A ``--stages`` choice that cannot run (unknown name, missing prerequisite or module)."""
+
+
+def anomaly_available(device="cpu"):
+    """``(load_anomaly_model, anomaly_volume, model)`` or ``(None, None, reason)``."""
+    try:
+        from volseg.anomaly.infer import anomaly_volume, load_anomaly_model
+    except Exception as exc:  # not written yet, or broken
+        return None, None, f"volseg.anomaly.infer cannot be imported ({type(exc).__name__}: {exc})"
+    try:
+        model = load_anomaly_model(None, device)
+    except Exception as exc:
+        return None, None, f"the shipped anomaly model cannot be loaded ({type(exc).__name__}: {exc})"
+    return load_anomaly_model, anomaly_volume, model
+
+
+def parse_stages(text: str | None) -> tuple[str, ...] | None:
+    """Stage names in pipeline order from ``"n4,strip"``; None means the default (all available)."""
+    if text is None:
+        return None
+    names = [s.strip().lower() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in ALL_STAGES + ALWAYS]
+    if unknown:
+        raise StageError(f"--stages: unknown stage(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(ALL_STAGES + ALWAYS)}")
+    stages = tuple(s for s in ALL_STAGES if s in names)
+    if not stages:
+        raise StageError("--stages: give at least one of " + ", ".join(ALL_STAGES))
+    if "anomaly" in stages and not {"n4", "strip"} <= set(stages):
+        raise StageError("--stages: the anomaly stage needs the n4 and strip stages "
+                         "(it reads the N4-corrected image inside the brain mask)")
+    return stages
+
+
+@dataclass
+class Context:
+    """Everything a worker needs to process scans; built once per process."""
+
+    stages: tuple[str, ...]
+    cfg: object  # StripConfig
+    device: object = "cpu"
+    tta: bool = False
+    border_mm: float | None = None
+    figures: bool = True
+    strip_net: object = None
+    anomaly_model: object = None
+    anomaly_fn: object = None
+    models: dict = field(default_factory=dict)  # name -> {"sha256": ..., ...} for sidecars
+
+    @property
+    def preprocess_cfg(self):
+        """The preprocessing settings, with N4 switched off when the n4 stage is not run."""
+        pcfg = self.cfg.preprocess
+        if "n4" not in self.stages:
+            pcfg = dataclasses.replace(pcfg, n4=dataclasses.replace(pcfg.n4, backend="none"))
+        return pcfg
+
+    def settings(self) -> dict:
+        from volseg.config import config_to_dict
+
+        return {
+            "stages": list(self.stages),
+            "preprocess": config_to_dict(self.preprocess_cfg),
+            "strip": {"threshold": self.cfg.infer.threshold, "tta": bool(self.tta),
+                      "border_mm": self.border_mm if self.border_mm is not None else self.cfg.infer.border_mm},
+            "models": self.models,
+        }
+
+    def fingerprint(self) -> str:
+        """Changes whenever a setting or model that shapes the outputs changes."""
+        text = json.dumps(self.settings(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def build_context(stages, cfg, device="cpu", tta=False, border_mm=None, figures=True,
+                  strip_model=None) -> Context:
+    """Load the models the stages need. ``stages=None``: all stages that are available."""
+    want = tuple(stages) if stages is not None else ALL_STAGES
+    ctx = Context(stages=want, cfg=cfg, device=device, tta=tta, border_mm=border_mm, figures=figures)
+    if "anomaly" in want:
+        _, fn, model = anomaly_available(device)
+        if fn is None:
+            if stages is not None:
+                raise StageError(f"--stages anomaly: not available: {model}")
+            log.warning("anomaly stage left out: %s", model)
+            ctx.stages = tuple(s for s in want if s != "anomaly")
+        else:
+            ctx.anomaly_fn, ctx.anomaly_model = fn, model
+            info = getattr(model, "info", None) or getattr(model, "volseg_info", None) or {}
+            ctx.models["anomaly"] = {"sha256": info.get("sha256") if isinstance(info, dict) else None}
+    if "strip" in ctx.stages:
+        from volseg.strip.model import load_model
+
+        ctx.strip_net, info = load_model(strip_model, kind="strip", device=device)
+        ctx.models["strip"] = {"sha256": info.get("sha256"), "net": info.get("net")}
+    return ctx
+
+
+@dataclass
+class ScanResult:
+    """What the stages computed for one scan (arrays on the input's native grid)."""
+
+    data: np.ndarray  # the input's intensities
+    meta: object  # ImageMeta
+    prep: object  # Prepared
+    mask: np.ndarray | None = None
+    anomaly: object = None  # the anomaly stage's result object
+    timings: dict = field(default_factory=dict)
+
+
+class ScanFailure(VolsegError):
+    """A scan failed in ``stage``; ``error`` is the message naming the file."""
+
+    def __init__(self, stage: str, error: str):
+        self.stage, self.error = stage, error
+        super().__init__(error)
+
+
+def compute_scan(path: str, ctx: Context) -> ScanResult:
+    """Run the stages on one input file; raise :class:`ScanFailure` naming the stage and file."""
+    from volseg.io import load_image
+    from volseg.preprocess import prepare
+
+    stage = "load"
+    try:
+        t0 = time.perf_counter()
+        data, meta = load_image(path, nonfinite=ctx.cfg.preprocess.io.nonfinite)
+        timings = {"load_s": time.perf_counter() - t0}
+        stage = "n4"
+        prep = prepare(data, meta, ctx.preprocess_cfg)
+        timings["n4_s"] = prep.timings["n4_s"] + prep.timings["grid_s"]
+        res = ScanResult(data=data, meta=meta, prep=prep, timings=timings)
+        if "strip" in ctx.stages:
+            stage = "strip"
+            res.mask = strip_prepared(prep, ctx)
+            timings["strip_s"] = time.perf_counter() - t0 - sum(timings.values())
+            if not res.mask.any():
+                raise InputError(path, "no brain found (the predicted mask is empty); is this a head T1?")
+        if "anomaly" in ctx.stages:
+            stage = "anomaly"
+            t1 = time.perf_counter()
+            res.anomaly = ctx.anomaly_fn(prep.native, res.mask, meta, ctx.anomaly_model, cfg=None, n4=False)
+            timings["anomaly_s"] = time.perf_counter() - t1
+        return res
+    except VolsegError as exc:
+        raise ScanFailure(stage, str(exc)) from exc
+    except MemoryError:
+        raise ScanFailure(stage, f"{path}: out of memory in the {stage} stage") from None
+    except Exception as exc:  # a bug or an unforeseen input: keep the cohort going
+        log.exception("%s: unexpected error in the %s stage", path, stage)
+        raise ScanFailure(stage, f"{path}: unexpected {type(exc).__name__} in the {stage} stage: {exc}") from exc
+
+
+def strip_prepared(prep, ctx: Context) -> np.ndarray:
+    """Brain mask (uint8, native grid) from an already prepared scan (no second N4)."""
+    from volseg.strip.infer import clean_mask, predict_grid, to_native
+
+    prob = predict_grid(ctx.strip_net, prep.grid_image, ctx.device, tta=ctx.tta)
+    native = to_native(prob, prep)
+    border = ctx.cfg.infer.border_mm if ctx.border_mm is None else ctx.border_mm
+    return clean_mask(native, prep.meta.zooms, ctx.cfg.infer.threshold, border)
+
+
+# Plausible whole-brain mask volumes (mL) for a T1 head of an adult or child.
+BRAIN_ML_RANGE = (700.0, 2200.0)
+
+
+def qc_measures(res: ScanResult) -> dict:
+    """Brain volume, SNR (Dietrich: brain mean over the air's noise) and QC notes."""
+    from volseg.transforms.functional import head_mask
+    from scipy import ndimage as ndi
+
+    meta = res.meta
+    vox_ml = float(np.prod(meta.zooms)) / 1000.0
+    out: dict = {"qc_notes": list(meta.header_warnings)}
+    img = res.prep.native
+    if res.mask is not None:
+        vol = float(res.mask.sum()) * vox_ml
+        out["brain_volume_ml"] = round(vol, 1)
+        lo, hi = BRAIN_ML_RANGE
+        if not lo <= vol <= hi:
+            out["qc_notes"].append(f"brain volume {vol:.0f} mL outside {lo:.0f}-{hi:.0f} mL")
+        step = 2 if min(img.shape) >= 64 else 1
+        head = ndi.binary_dilation(head_mask(img, step=step), iterations=2)
+        small = img[::step, ::step, ::step]
+        air = small[~head]
+        air = air[air != 0]  # zero padding and defacing are not noise
+        fg = img[res.mask > 0]
+        if air.size >= 500 and fg.size:
+            sigma = float(np.std(air)) / np.sqrt(2.0 / (4.0 - np.pi))  # Rayleigh air noise
+            out["snr"] = round(float(fg.mean()) / sigma, 2) if sigma > 0 else None
+        else:
+            out["snr"] = None
+    if res.anomaly is not None:
+        a = res.anomaly
+        out["anomaly_score"] = round(float(a.score), 6)
+        out["anomaly_flag"] = bool(a.flag)
+        out["anomalous_volume_ml"] = round(float(np.asarray(a.mask).sum()) * vox_ml, 2)
+    out["qc"] = "check" if out["qc_notes"] else "ok"
+    return out

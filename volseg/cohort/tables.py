@@ -1,0 +1,129 @@
+"""The cohort's tables and report, rebuilt from the per-scan records (so shards merge for free).
+
+``volseg_summary.tsv``: one row per scan (ok or failed); ``volseg_failures.tsv``: the failed
+scans with their stage and error; ``report.html``: the QC report. A sharded run writes its own
+tables to ``logs/shard-K-of-N_*.tsv``; :func:`gather` checks that every shard has finished and
+writes the cohort's tables and report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from volseg.io import AtomicWriter
+
+log = logging.getLogger("volseg")
+
+SUMMARY = "volseg_summary.tsv"
+FAILURES = "volseg_failures.tsv"
+REPORT = "report.html"
+SUMMARY_COLUMNS = (
+    "scan", "subject", "session", "status", "brain_volume_ml", "anomaly_score", "anomaly_flag",
+    "anomalous_volume_ml", "qc", "qc_notes", "snr", "time_load_s", "time_n4_s", "time_strip_s",
+    "time_anomaly_s", "time_export_s", "time_total_s", "source",
+)
+FAILURE_COLUMNS = ("scan", "stage", "error", "source")
+_SHARD_TABLE = re.compile(r"^shard-(\d+)-of-(\d+)_summary\.tsv$")
+
+
+def load_records(out: Path) -> list[dict]:
+    """Every scan record in ``OUT/.volseg/scans``, sorted by scan."""
+    from volseg.cohort.export import STATE_DIR
+
+    records = []
+    for p in sorted((Path(out) / STATE_DIR / "scans").glob("*.json")):
+        if p.name.startswith("."):
+            continue
+        try:
+            records.append(json.loads(p.read_text()))
+        except (OSError, ValueError) as exc:
+            log.warning("%s: unreadable scan record skipped (%s)", p, exc)
+    return sorted(records, key=lambda r: r.get("scan", ""))
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "n/a"  # BIDS' missing value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        value = "; ".join(map(str, value))
+    return str(value).replace("\t", " ").replace("\n", " ")
+
+
+def summary_row(rec: dict) -> dict:
+    m, t = rec.get("measures", {}), rec.get("timings", {})
+    row = {k: rec.get(k) for k in ("scan", "subject", "session", "status", "source")}
+    row.update({k: m.get(k) for k in ("brain_volume_ml", "anomaly_score", "anomaly_flag",
+                                      "anomalous_volume_ml", "qc", "qc_notes", "snr")})
+    row.update({f"time_{k}": t.get(k) for k in ("load_s", "n4_s", "strip_s", "anomaly_s",
+                                                "export_s", "total_s")})
+    return row
+
+
+def tsv(rows: list[dict], columns) -> str:
+    lines = ["\t".join(columns)] + ["\t".join(_cell(r.get(c)) for c in columns) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(out: Path, records: list[dict], prefix: str = "") -> tuple[Path, Path]:
+    """Write the summary and failures tables (``prefix`` for a shard's own tables)."""
+    out = Path(out)
+    summary = out / (f"{prefix}_summary.tsv" if prefix else SUMMARY)
+    failures = out / (f"{prefix}_failures.tsv" if prefix else FAILURES)
+    with AtomicWriter() as w:
+        w.save_text(tsv([summary_row(r) for r in records], SUMMARY_COLUMNS), summary)
+        w.save_text(tsv([r for r in records if r.get("status") != "ok"], FAILURE_COLUMNS), failures)
+    return summary, failures
+
+
+def write_report(out: Path, records: list[dict]) -> Path:
+    from volseg.report.html import render_report
+
+    with AtomicWriter() as w:
+        w.save_text(render_report(records, out), Path(out) / REPORT)
+    return Path(out) / REPORT
+
+
+@dataclass
+class GatherResult:
+    n_ok: int = 0
+    n_failed: int = 0
+    missing_shards: list[str] = field(default_factory=list)
+    paths: list[Path] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.n_failed == 0 and not self.missing_shards
+
+
+def missing_shards(out: Path) -> list[str]:
+    """Shards ``K/N`` that have not written their tables, for every ``N`` seen in ``logs/``."""
+    seen: dict[int, set[int]] = {}
+    logs = Path(out) / "logs"
+    for p in logs.glob("shard-*-of-*_summary.tsv") if logs.is_dir() else []:
+        m = _SHARD_TABLE.match(p.name)
+        if m:
+            seen.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+    return [f"{k}/{n}" for n, ks in sorted(seen.items()) for k in range(n) if k not in ks]
+
+
+def gather(out: Path, report: bool = True, extra=()) -> GatherResult:
+    """Merge all scans recorded in ``out`` (every shard's) into the tables and the report;
+    ``extra``: failure records that have no record file (inputs refused before processing)."""
+    out = Path(out)
+    records = load_records(out) + list(extra)
+    res = GatherResult(n_ok=sum(r.get("status") == "ok" for r in records))
+    res.n_failed = len(records) - res.n_ok
+    res.missing_shards = missing_shards(out)
+    for s in res.missing_shards:
+        log.warning("shard %s has not finished (no logs/shard-%s-of-%s_summary.tsv)",
+                    s, *s.split("/"))
+    res.paths = list(write_tables(out, records))
+    if report:
+        res.paths.append(write_report(out, records))
+    return res

@@ -1,0 +1,1 @@
+"""QC pictures (nilearn) and the cohort's HTML report."""
