@@ -5,6 +5,12 @@ Each epoch ends with validation on held-out real scans (Dice, IoU, 95% Hausdorff
 working grid); the best epoch by Dice is exported as safetensors + JSON, every epoch is
 checkpointed (``last.pt``, loadable with ``weights_only=True``), logged to ``log.csv`` and
 drawn in ``learning_curve.png``.
+
+Under ``torchrun`` (e.g. ``torchrun --nproc_per_node=4 -m volseg train strip -c ...``) the
+network is wrapped in DistributedDataParallel (NCCL on GPUs, gloo on CPUs), each rank trains
+on its own share of the sample sequence (rank ``r`` of ``W`` takes samples ``r, r+W, ...``, so
+a step sees ``W * batch_size`` samples) and only rank 0 validates, checkpoints and writes.
+One process behaves exactly as without torchrun.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from volseg.config import config_to_dict
-from volseg.device import autocast, grad_scaler, pick_device, pin_memory
+from volseg.device import autocast, grad_scaler, pin_memory
+from volseg.hpc import distributed as dist
 from volseg.nets import build_unet
 from volseg.strip.augment import seeded, train_augmentation
 from volseg.strip.config import StripConfig
@@ -123,17 +130,28 @@ def train(cfg: StripConfig, resume: Path | None = None,
     """Train; returns a summary dict (best validation Dice, steps, wall time, paths).
 
     ``resume`` continues a checkpoint of the same schedule (same total steps); ``stop_after``
-    ends early at that step, as an interruption would (for tests).
+    ends early at that step, as an interruption would (for tests). Under torchrun every rank
+    calls this; rank 0 writes the outputs (see the module docstring).
     """
-    from monai.losses import DiceFocalLoss
     from monai.utils import set_determinism
-    from tqdm import tqdm
 
     t_start = time.perf_counter()
     tc = cfg.train
     torch.set_num_threads(max(1, tc.threads))
     set_determinism(seed=tc.seed)
-    device = pick_device(tc.device)
+    ctx = dist.setup(tc.device)  # one process without torchrun
+    try:
+        return _train(cfg, ctx, resume, max_steps, progress, stop_after, t_start)
+    finally:
+        dist.teardown(ctx)
+
+
+def _train(cfg: StripConfig, ctx: dist.DistContext, resume, max_steps, progress, stop_after, t_start) -> dict:
+    from monai.losses import DiceFocalLoss
+    from tqdm import tqdm
+
+    tc = cfg.train
+    device, main = ctx.device, ctx.is_main
     # relative paths are taken from the current folder; ${VOLSEG_SHARED_DATA} defaults to ../shared/data
     out = Path(expand_path(tc.out_dir))
     out.mkdir(parents=True, exist_ok=True)
@@ -144,10 +162,11 @@ def train(cfg: StripConfig, resume: Path | None = None,
     val_set = {str(a) for a, _ in val_pairs}
     pairs = [p for p in pairs if str(p[0]) not in val_set]  # never train on a validation scan
     log.info("%d real training pairs, %d validation pairs", len(pairs), len(val_pairs))
-    real = cached_real(pairs, cfg.preprocess, cache)
-    val = cached_real(val_pairs, cfg.preprocess, cache)
-    synth = cached_synth(cfg.data.synth_count, cfg.data.synth_seed, cfg.preprocess, cache,
-                         workers=max(1, tc.threads)) if cfg.data.synth_count else []
+    with dist.main_first():  # rank 0 fills the cache, the other ranks then read it
+        real = cached_real(pairs, cfg.preprocess, cache)
+        val = cached_real(val_pairs, cfg.preprocess, cache)
+        synth = cached_synth(cfg.data.synth_count, cfg.data.synth_seed, cfg.preprocess, cache,
+                             workers=max(1, tc.threads)) if cfg.data.synth_count else []
 
     net = build_unet(cfg.net).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -166,20 +185,22 @@ def train(cfg: StripConfig, resume: Path | None = None,
                              f"but {total} steps were asked for; resume with the same number of steps")
         sched.load_state_dict(ckpt["scheduler"]); step = int(ckpt["step"]); best = float(ckpt["best_dice"])
         log.info("resumed from %s at step %d (best Dice %.4f)", resume, step, best)
+    model = dist.wrap_model(net, ctx)  # DDP under torchrun (rank 0's weights broadcast), else net
 
-    ds = MixedGridDataset(real, synth, cfg, length=(total - step) * tc.batch_size, start=step * tc.batch_size)
+    per_step = tc.batch_size * ctx.world_size  # samples the ranks take together per step
+    ds = MixedGridDataset(real, synth, cfg, length=(total - step) * per_step, start=step * per_step)
     loader = DataLoader(ds, batch_size=tc.batch_size, shuffle=False, num_workers=1,
-                        pin_memory=pin_memory(device), persistent_workers=False,
-                        worker_init_fn=lambda _: torch.set_num_threads(1))
+                        sampler=dist.shard_sampler(ds, ctx), pin_memory=pin_memory(device),
+                        persistent_workers=False, worker_init_fn=lambda _: torch.set_num_threads(1))
     log_csv = out / "log.csv"
-    if not log_csv.exists() or not resume:
+    if main and (not log_csv.exists() or not resume):
         log_csv.write_text("step,epoch,train_loss,val_dice,val_iou,val_hd95_mm,lr,seconds\n")
     running, n_run = 0.0, 0
-    bar = tqdm(loader, total=total - step, desc="train strip", disable=not progress, initial=0)
+    bar = tqdm(loader, total=total - step, desc="train strip", disable=not (progress and main), initial=0)
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, tc.amp):
-            loss = loss_fn(net(x), y)
+            loss = loss_fn(model(x), y)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -189,33 +210,38 @@ def train(cfg: StripConfig, resume: Path | None = None,
         running += float(loss.item()); n_run += 1
         bar.set_postfix(loss=f"{running / n_run:.4f}")
         if step % tc.steps_per_epoch == 0 or step == total:
-            v = validate(net, val, device, cfg.preprocess.grid.spacing_mm)
-            row = [step, step // tc.steps_per_epoch, running / n_run, v["dice"], v["iou"], v["hd95_mm"],
-                   sched.get_last_lr()[0], round(time.perf_counter() - t_start, 1)]
-            with open(log_csv, "a") as fh:
-                fh.write(",".join(f"{r:.6g}" if isinstance(r, float) else str(r) for r in row) + "\n")
-            history.append({"step": step, "loss": running / n_run, **v})
-            log.info("step %d loss %.4f val Dice %.4f %s", step, running / n_run, v["dice"],
-                     {k: round(m["dice"], 4) for k, m in v["per_scan"].items()})
+            train_loss = dist.all_reduce_mean(running / n_run)  # the mean over the ranks
             running, n_run = 0.0, 0
-            if v["dice"] > best or not val:
-                best = v["dice"] if val else best
-                export_weights(net, cfg, out / "best", {"step": step, "validation": v,
-                                                        "config": config_to_dict(cfg)})
-            ckpt = {"model": net.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "step": step, "best_dice": best,
-                    "total_steps": total}
-            torch.save(ckpt, out / ".last.pt.tmp")
-            (out / ".last.pt.tmp").replace(out / "last.pt")
-            _plot(log_csv, out / "learning_curve.png")
+            if main:  # validates and writes while the other ranks wait at the barrier
+                v = validate(net, val, device, cfg.preprocess.grid.spacing_mm)
+                row = [step, step // tc.steps_per_epoch, train_loss, v["dice"], v["iou"], v["hd95_mm"],
+                       sched.get_last_lr()[0], round(time.perf_counter() - t_start, 1)]
+                with open(log_csv, "a") as fh:
+                    fh.write(",".join(f"{r:.6g}" if isinstance(r, float) else str(r) for r in row) + "\n")
+                history.append({"step": step, "loss": train_loss, **v})
+                log.info("step %d loss %.4f val Dice %.4f %s", step, train_loss, v["dice"],
+                         {k: round(m["dice"], 4) for k, m in v["per_scan"].items()})
+                if v["dice"] > best or not val:
+                    best = v["dice"] if val else best
+                    export_weights(net, cfg, out / "best", {"step": step, "validation": v,
+                                                            "config": config_to_dict(cfg)})
+                ckpt = {"model": net.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "step": step, "best_dice": best,
+                        "total_steps": total}
+                torch.save(ckpt, out / ".last.pt.tmp")
+                (out / ".last.pt.tmp").replace(out / "last.pt")
+                _plot(log_csv, out / "learning_curve.png")
+            dist.barrier()
         if stop_after is not None and step >= stop_after:
             break
-    if step >= total:  # the end of the schedule: what the shipped model is made from
+    best = dist.broadcast_object(best)  # only rank 0 validates
+    if main and step >= total:  # the end of the schedule: what the shipped model is made from
         export_weights(net, cfg, out / "final", {"step": step, "validation": history[-1] if history else None,
                                                  "config": config_to_dict(cfg)})
     summary = {"steps": step, "best_val_dice": best, "wall_s": round(time.perf_counter() - t_start, 1),
                "out_dir": str(out), "history": history[-1:] if history else []}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
