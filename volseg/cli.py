@@ -79,8 +79,14 @@ def cmd_synth(args) -> int:
 
 
 def cmd_train(args) -> int:
-    if args.what != "strip":
-        raise SystemExit(f"volseg train: '{args.what}' training is not available yet; use 'strip'")
+    if args.what == "ae":
+        from volseg.anomaly.config import load_ae_config
+        from volseg.anomaly.train import train as train_ae
+
+        summary = train_ae(load_ae_config(args.config), resume=args.resume, max_steps=args.steps)
+        print(f"best validation AUPRC {summary['best_val_auprc']:.4f} after {summary['steps']} steps; "
+              f"outputs in {summary['out_dir']}")
+        return EXIT_OK
     from volseg.strip.config import load_strip_config
     from volseg.strip.train import train
 
@@ -161,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's)")
     p.set_defaults(func=cmd_strip)
 
-    p = sub.add_parser("train", help="train a model (strip)",
-                       description="Train the skull-stripping network from a YAML config.")
+    p = sub.add_parser("train", help="train a model (strip or ae)",
+                       description="Train the skull-stripping network (strip) or the anomaly "
+                                   "autoencoder (ae) from a YAML config.")
     p.add_argument("what", choices=["strip", "ae"], help="which model")
     p.add_argument("-c", "--config", type=Path, required=True, help="YAML config, e.g. configs/strip.yaml")
     p.add_argument("--resume", type=Path, default=None, metavar="CKPT", help="checkpoint (last.pt) to resume")

@@ -1,7 +1,146 @@
-"""Subcommands of ``volseg`` for anomaly maps (registered by :func:`register`)."""
+"""``volseg anomaly``, ``volseg calibrate`` and ``volseg evaluate anomaly``."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+
+def _model(args, require_calibration: bool):
+    from volseg.anomaly.infer import load_anomaly_model
+    from volseg.device import pick_device
+
+    device = pick_device(getattr(args, "device", "auto"))
+    if getattr(args, "threads", 0):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return load_anomaly_model(args.model, device, require_calibration=require_calibration)
+
+
+def cmd_anomaly(args) -> int:
+    from volseg.anomaly.infer import anomaly_file
+    from volseg.cli import _finish, _unique_ids
+    from volseg.io import check_writable_dir
+    from volseg.runner import run_batch
+
+    if args.mask and len(args.mask) != len(args.inputs):
+        raise SystemExit(f"volseg anomaly: give one --mask per input ({len(args.inputs)} inputs, "
+                         f"{len(args.mask)} masks)")
+    check_writable_dir(args.output)
+    model = _model(args, require_calibration=True)
+    masks = dict(zip(args.inputs, args.mask or [None] * len(args.inputs)))
+    strip = None
+    if not args.mask:
+        from volseg.strip.config import load_strip_config
+        from volseg.strip.model import load_model
+
+        net, _ = load_model(args.strip_model, kind="strip", device=model.device)
+        strip = (net, load_strip_config(None), model.device)
+    inputs, dup = _unique_ids(args.inputs)
+    result = run_batch(inputs, lambda p: anomaly_file(p, args.output, model, masks[p], strip), desc="anomaly")
+    for path, outs in result.done:
+        flag = "anomalous" if outs["flag"] else "normal"
+        print(f"{path} -> {outs['map']} (score {outs['score']:.4f}, {flag})")
+    return _finish(result, dup)
+
+
+def cmd_calibrate(args) -> int:
+    from volseg.anomaly.evaluate import Case, calibrate, write_calibration
+    from volseg.io import scan_id
+
+    model = _model(args, require_calibration=False)
+    cases = [Case(id=scan_id(p), image=p) for p in args.healthy]
+    if args.synth:
+        from volseg.anomaly.data import synth_brain
+        from volseg.synth.heads import cohort_seed
+
+        for i in range(args.synth):
+            s = cohort_seed(args.synth_seed, i)
+            data, mask, meta = synth_brain(s)
+            cases.append(Case(id=f"synth{s}", arrays=(data, mask, None, meta)))
+    if not cases:
+        raise SystemExit("volseg calibrate: give healthy brain images and/or --synth N")
+    calib = calibrate(model, cases, fpr=args.fpr, percentile=args.percentile)
+    dest = write_calibration(calib, Path(args.output) if args.output else model.model_dir)
+    print(f"voxel threshold {calib['voxel_threshold']:.4f} (healthy FPR {calib['voxel_fpr']}), scan threshold "
+          f"{calib['scan_threshold']:.4f} ({calib['scan_percentile']}th percentile of {len(cases)} healthy scans) "
+          f"-> {dest}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from volseg.anomaly.evaluate import evaluate, lesion_cases, read_cases
+
+    model = _model(args, require_calibration=True)
+    cases = []
+    if args.cases:
+        cases += read_cases(args.cases)
+    for h in args.healthy:
+        cases += lesion_cases(h, None, args.insert_lesions, seed=args.seed)
+    if not cases:
+        raise SystemExit("volseg evaluate anomaly: give --cases CSV and/or --healthy images")
+    summary = evaluate(model, cases, args.output, panels=not args.no_panels)
+    v, s = summary.get("voxel", {}), summary.get("scan", {})
+    if v:
+        print(f"voxel (pooled over {summary['lesion_cases']} lesion cases): AUROC {v['auroc']:.4f} AUPRC "
+              f"{v['auprc']:.4f} Dice@calibrated {v.get('dice', float('nan')):.4f} best Dice (optimistic) "
+              f"{v['best_dice']:.4f}")
+    if s:
+        print("scan: " + " ".join(f"{k} {s[k]:.3f}" for k in ("accuracy", "precision", "sensitivity",
+                                                               "specificity", "f1", "roc_auc")))
+    print(f"tables and pictures in {args.output}", file=sys.stderr)
+    return 0
+
 
 def register(sub) -> None:
-    """Add this module's subcommands to the ``volseg`` subparsers ``sub``."""
+    """Add ``anomaly``, ``calibrate`` and ``evaluate`` to the ``volseg`` subparsers ``sub``."""
+    p = sub.add_parser("anomaly", help="anomaly maps, masks and scan scores on each scan's own grid",
+                       description="Write <id>_desc-anomaly_map.nii.gz (float32, 0 outside the brain), "
+                                   "<id>_label-anomaly_mask.nii.gz (uint8) and <id>_desc-reconstruction_T1w"
+                                   ".nii.gz with JSON sidecars (scan score and normal/anomalous flag). With "
+                                   "--mask the input is a brain-only image with that mask; without it the "
+                                   "head is skull-stripped first.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI or MGH T1 images")
+    p.add_argument("-o", "--output", required=True, type=Path, help="output folder")
+    p.add_argument("--mask", action="append", default=None, metavar="MASK",
+                   help="brain mask of the input (repeat once per input, in order)")
+    p.add_argument("--model", type=Path, default=None, help="anomaly model folder (default: shipped)")
+    p.add_argument("--strip-model", type=Path, default=None, help="skull-strip model folder (default: shipped)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's)")
+    p.set_defaults(func=cmd_anomaly)
+
+    p = sub.add_parser("calibrate", help="set the anomaly thresholds on healthy brains",
+                       description="Voxel threshold at a healthy false-positive rate, scan threshold at "
+                                   "the 95th percentile of healthy scan scores; written as "
+                                   "calibration.json beside the weights (or into -o).")
+    p.add_argument("healthy", nargs="*", metavar="BRAIN", help="healthy brain-only images (mask: non-zero "
+                                                                "voxels or a X_brainmask file beside)")
+    p.add_argument("--synth", type=int, default=0, metavar="N", help="add N synthetic healthy brains")
+    p.add_argument("--synth-seed", type=int, default=9000, help="seed of the synthetic brains (default 9000)")
+    p.add_argument("--fpr", type=float, default=None, help="healthy voxel false-positive rate (config: 0.001)")
+    p.add_argument("--percentile", type=float, default=None, help="scan-score percentile (config: 95)")
+    p.add_argument("--model", type=Path, default=None, help="anomaly model folder (default: shipped)")
+    p.add_argument("-o", "--output", type=Path, default=None, help="folder for calibration.json "
+                                                                  "(default: the model folder)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("evaluate", help="measure the anomaly stage on labelled cases",
+                       description="Voxel AUROC/AUPRC pooled over brain voxels, Dice at the calibrated "
+                                   "threshold, best-threshold Dice (optimistic), scan-level accuracy, "
+                                   "precision, sensitivity, specificity, F1 and ROC AUC; a TSV, a JSON and "
+                                   "picture panels.")
+    p.add_argument("what", choices=["anomaly"], help="what to evaluate")
+    p.add_argument("--cases", type=Path, default=None, help="CSV with columns id,image,mask,lesion")
+    p.add_argument("--healthy", nargs="*", default=[], metavar="BRAIN",
+                   help="healthy brains: kept as healthy cases, and lesions inserted (--insert-lesions)")
+    p.add_argument("--insert-lesions", type=int, default=3, metavar="N",
+                   help="lesion cases made per healthy brain (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the inserted lesions")
+    p.add_argument("--model", type=Path, default=None, help="anomaly model folder (default: shipped)")
+    p.add_argument("--no-panels", action="store_true", help="skip the picture panels")
+    p.add_argument("-o", "--output", required=True, type=Path, help="output folder")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(func=cmd_evaluate)

@@ -67,6 +67,7 @@ CHOICES = {
     "n4.mask": ("otsu", "none"),
     "intensity.method": ("percentile", "zscore"),
     "io.nonfinite": ("zero", "error"),
+    "maps.residual": ("abs", "positive", "negative"),
 }
 
 

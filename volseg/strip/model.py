@@ -77,8 +77,17 @@ def load_model(model_dir: Path | str | None = None, kind: str = "strip", device=
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise WeightsError(f"{weights}: cannot read weights ({exc})") from None
-    net = build_unet(config_from_dict(info["net"], NetConfig, source=str(info_path)))
-    net.load_state_dict({k: v.float() for k, v in state.items()})
+    if info.get("kind", kind) == "ae":
+        from volseg.anomaly.config import AENetConfig
+        from volseg.nets.autoencoder import build_autoencoder
+
+        net = build_autoencoder(config_from_dict(info["net"], AENetConfig, source=str(info_path)))
+    else:
+        net = build_unet(config_from_dict(info["net"], NetConfig, source=str(info_path)))
+    try:
+        net.load_state_dict({k: v.float() for k, v in state.items()})
+    except RuntimeError as exc:
+        raise WeightsError(f"{weights}: weights do not fit the network in {info_path.name} ({exc})") from None
     net.eval().to(device)
     net.volseg_info = info  # type: ignore[attr-defined]
     return net, info

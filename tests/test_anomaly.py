@@ -1,0 +1,268 @@
+"""The anomaly stage: autoencoder training, maps, calibration/metrics, CLI outputs on the input grid."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from volseg.anomaly.config import AEConfig, AENetConfig, CorruptionConfig, load_ae_config
+from volseg.anomaly.maps import remove_small, residual_map, scan_score
+from volseg.anomaly.metrics import dice, scan_metrics, scan_threshold, voxel_metrics, voxel_threshold
+from volseg.strip.model import PACKAGE_MODELS, WeightsError
+
+SHIPPED = PACKAGE_MODELS / "ae"
+
+
+def _brain_file(tmp_path, seed=31, axcodes="RAS", oblique=False, voxel=(2.0, 2.0, 2.0), name="brain"):
+    """A synthetic brain-only T1 (skull-stripped synthetic head) and its mask, as NIfTI files."""
+    from volseg.synth import synth_head
+
+    subj = synth_head(seed, voxel_size=voxel, axcodes=axcodes, oblique=oblique)
+    mask = subj.brain_mask > 0
+    img = nib.Nifti1Image(np.where(mask, subj.image, 0).astype(np.float32), subj.affine)
+    img.set_qform(subj.affine, code=1); img.set_sform(subj.affine, code=1)
+    p, m = tmp_path / f"{name}.nii.gz", tmp_path / f"{name}_mask.nii.gz"
+    nib.save(img, p)
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), subj.affine, img.header), m)
+    return p, m
+
+
+def _tiny_cfg(tmp_path, **train):
+    from volseg.config import config_from_dict
+
+    return config_from_dict({
+        "net": {"channels": [4, 8], "bottleneck": 4},
+        "data": {"healthy": [], "synth_count": 0, "cache_dir": str(tmp_path / "cache")},
+        "train": dict({"steps": 6, "steps_per_epoch": 3, "batch_size": 2, "patch": [32, 32, 32],
+                       "out_dir": str(tmp_path / "run"), "threads": 1}, **train),
+        "maps": {"n4": False},
+    }, AEConfig)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A small random-weight autoencoder written like a shipped model, with a calibration."""
+    from volseg.anomaly.evaluate import Case, calibrate, write_calibration
+    from volseg.anomaly.infer import load_anomaly_model
+    from volseg.anomaly.train import export_weights
+    from volseg.config import config_to_dict
+    from volseg.nets.autoencoder import ConvAutoencoder
+
+    tmp = tmp_path_factory.mktemp("aemodel")
+    cfg = _tiny_cfg(tmp)
+    torch.manual_seed(0)
+    net = ConvAutoencoder(1, cfg.net.channels, cfg.net.bottleneck)
+    export_weights(net, cfg, tmp / "model", {"config": config_to_dict(cfg)})
+    model = load_anomaly_model(tmp / "model")
+    p, m = _brain_file(tmp, seed=40)
+    from volseg.anomaly.infer import load_brain_input
+
+    data, mask, meta = load_brain_input(p, m)
+    write_calibration(calibrate(model, [Case("h", arrays=(data, mask, None, meta))]), tmp / "model")
+    return tmp / "model"
+
+
+def test_config_file_loads_and_rejects_unknown_keys(tmp_path):
+    from volseg.config import ConfigError
+
+    cfg = load_ae_config("configs/ae.yaml")
+    assert cfg.maps.median_size == 5 and cfg.net.channels[0] > 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("maps:\n  residual: squared\n")
+    with pytest.raises(ConfigError, match="maps.residual"):
+        load_ae_config(bad)
+
+
+def test_autoencoder_loss_falls_on_synthetic_patches(tmp_path):
+    """A few steps of the real training loop on a synthetic brain: the weighted L1 falls."""
+    from volseg.anomaly.data import _save
+    from volseg.anomaly.prep import prepare_brain
+    from volseg.anomaly.train import PatchDataset
+    from volseg.anomaly.data import synth_brain
+    from volseg.nets.autoencoder import build_autoencoder
+
+    cfg = _tiny_cfg(tmp_path)
+    data, mask, meta = synth_brain(7)
+    prep = prepare_brain(data, mask, meta, cfg)
+    npz = tmp_path / "b.npz"
+    _save(npz, image=prep.grid_image[0].numpy(), mask=prep.grid_mask, source="synth")
+    ds = PatchDataset([npz], [], cfg, length=4)
+    batch = [ds[i] for i in range(2)]
+    x, y, w = (torch.stack([b[k] for b in batch]) for k in range(3))
+    assert x.shape == (2, 1, 32, 32, 32) and float(w.max()) >= 1.0
+    torch.manual_seed(0)
+    net = build_autoencoder(cfg.net)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = (w * (net(x) - y).abs()).sum() / w.sum()
+        opt.zero_grad(); loss.backward(); opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_train_command_writes_checkpoints_and_resumes(tmp_path):
+    from volseg.anomaly.train import train
+
+    p, _ = _brain_file(tmp_path, seed=8)
+    import dataclasses
+
+    cfg = _tiny_cfg(tmp_path)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, healthy=(str(p),), validation=(str(p),)))
+    with pytest.raises(ValueError, match="no training data"):
+        train(cfg, progress=False)  # the only healthy brain is the validation brain
+    other, _ = _brain_file(tmp_path, seed=9, name="other")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, healthy=(str(other),), validation=(str(p),)))
+    s = train(cfg, progress=False, stop_after=3)
+    run = tmp_path / "run"
+    assert s["steps"] == 3 and (run / "last.pt").exists() and (run / "best" / "model.safetensors").exists()
+    s = train(cfg, resume=run / "last.pt", progress=False)
+    assert s["steps"] == 6 and (run / "final" / "model.json").exists()
+    rows = (run / "log.csv").read_text().strip().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("step,")
+    assert (run / "learning_curve.png").stat().st_size > 1000
+
+
+def test_residual_map_median_erosion_and_signs():
+    x = np.zeros((40, 40, 40), np.float32)
+    brain = np.zeros_like(x, bool); brain[5:35, 5:35, 5:35] = True
+    x[brain] = 1.0
+    recon = x.copy()
+    x[18:24, 18:24, 18:24] = 1.6  # a bright blob the reconstruction does not have
+    x[10, 10, 10] = 3.0  # a single hot voxel: the median filter removes it
+    m = residual_map(x, recon, brain, "abs", erode_vox=2, median_size=5)
+    assert m[20, 20, 20] == pytest.approx(0.6, abs=1e-5)
+    assert m[10, 10, 10] == 0.0
+    assert m[6, 20, 20] == 0.0  # eroded rim
+    assert (m[~brain] == 0).all()
+    assert residual_map(x, recon, brain, "negative", 2, 5).max() == 0.0
+    assert residual_map(x, recon, brain, "positive", 2, 5)[20, 20, 20] > 0.5
+    small = np.zeros((20, 20, 20), bool); small[2:4, 2:4, 2:4] = True; small[10:16, 10:16, 10:16] = True
+    kept = remove_small(small, 10)
+    assert kept[12, 12, 12] and not kept[2, 2, 2]
+
+
+def test_calibration_and_metrics_agree_with_direct_computations():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(3)
+    healthy = rng.gamma(2.0, 0.05, size=20000)
+    thr = voxel_threshold(healthy, 0.01)
+    assert (healthy > thr).mean() == pytest.approx(0.01, abs=0.0006)
+    assert thr == pytest.approx(np.sort(healthy)[int(0.99 * (healthy.size - 1))], rel=0.02)
+    scores = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9, 2.0]
+    assert scan_threshold(scores, 95) == pytest.approx(1.905)  # numpy's linear interpolation
+
+    truth = np.zeros(5000, bool); truth[:100] = True
+    s = rng.normal(0, 1, 5000) + 2.0 * truth
+    m = voxel_metrics(s, truth, threshold=1.5)
+    assert m["auroc"] == pytest.approx(roc_auc_score(truth, s))
+    # average precision by hand: mean precision at each positive, ranked by score
+    order = np.argsort(-s)
+    hits = truth[order]
+    ap = float(np.mean((np.cumsum(hits) / np.arange(1, hits.size + 1))[hits]))
+    assert m["auprc"] == pytest.approx(ap, rel=1e-6)
+    assert m["auprc"] == pytest.approx(average_precision_score(truth, s))
+    assert m["dice"] == pytest.approx(2 * (truth & (s > 1.5)).sum() / (truth.sum() + (s > 1.5).sum()))
+    brute = max(dice(s >= t, truth) for t in np.unique(s))
+    assert m["best_dice"] == pytest.approx(brute, rel=1e-9)
+
+    labels = [1, 1, 1, 0, 0, 0, 0, 1]
+    sc = [0.9, 0.8, 0.2, 0.1, 0.3, 0.7, 0.05, 0.6]
+    k = scan_metrics(labels, sc, 0.5)
+    # predicted: 1 1 0 0 0 1 0 1 -> tp 3, fn 1, fp 1, tn 3
+    assert (k["tp"], k["fn"], k["fp"], k["tn"]) == (3, 1, 1, 3)
+    assert k["accuracy"] == 0.75 and k["precision"] == 0.75 and k["sensitivity"] == 0.75
+    assert k["specificity"] == 0.75 and k["f1"] == pytest.approx(0.75)
+    assert k["roc_auc"] == pytest.approx(roc_auc_score(labels, sc))
+
+    v = rng.random(1000)
+    assert scan_score(v, 1.0) == pytest.approx(np.sort(v)[-10:].mean())
+
+
+def test_inserted_lesions_are_where_the_mask_says(tmp_path):
+    from volseg.anomaly.lesions import insert_lesions
+    from volseg.anomaly.prep import wm_peak
+
+    from volseg.anomaly.data import synth_brain
+
+    data, mask, meta = synth_brain(12)
+    out, truth, params = insert_lesions(data, mask, meta.zooms, np.random.default_rng(0))
+    wm = wm_peak(data[mask])
+    assert len(params) == 3 and truth.any() and not (truth & ~mask).any()
+    changed = np.abs(out - data) > 0.05 * wm
+    assert changed[truth].mean() > 0.9 and changed[~mask].sum() == 0
+    assert 1.25 * wm < np.median(out[truth & (out > wm)]) < 1.55 * wm
+
+
+def test_outputs_come_back_on_the_input_grid(run_cli, tmp_path, tiny_model):
+    for axcodes, oblique in (("LIA", False), ("RAS", True)):
+        p, m = _brain_file(tmp_path, seed=50, axcodes=axcodes, oblique=oblique, voxel=(1.6, 1.6, 2.4),
+                           name=f"sub-{axcodes}{int(oblique)}_T1w")
+        out = tmp_path / f"out{axcodes}{int(oblique)}"
+        r = run_cli("anomaly", p, "--mask", m, "-o", out, "--model", tiny_model)
+        assert r.returncode == 0, r.stderr
+        src, msk = nib.load(p), nib.load(m)
+        sid = f"sub-{axcodes}{int(oblique)}"
+        amap = nib.load(out / f"{sid}_desc-anomaly_map.nii.gz")
+        amask = nib.load(out / f"{sid}_label-anomaly_mask.nii.gz")
+        recon = nib.load(out / f"{sid}_desc-reconstruction_T1w.nii.gz")
+        for img in (amap, amask, recon):
+            assert img.shape == src.shape
+            np.testing.assert_allclose(img.affine, src.affine, atol=1e-4)
+        assert amap.get_data_dtype() == np.float32 and amask.get_data_dtype() == np.uint8
+        a = amap.get_fdata()
+        assert (a[msk.get_fdata() == 0] == 0).all() and a.max() > 0
+        assert (recon.get_fdata()[msk.get_fdata() == 0] == 0).all()
+        side = json.loads((out / f"{sid}_desc-anomaly_map.json").read_text())
+        assert side["Model"]["sha256"] and side["VoxelThreshold"] is not None and "ScanScore" in side
+
+
+def test_bad_inputs_name_the_file_and_others_finish(run_cli, tmp_path, tiny_model):
+    good, gm = _brain_file(tmp_path, seed=51, name="good")
+    other, _ = _brain_file(tmp_path, seed=52, voxel=(3.0, 3.0, 3.0), name="other")
+    r = run_cli("anomaly", good, other, "--mask", gm, "--mask", gm, "-o", tmp_path / "o", "--model", tiny_model)
+    assert r.returncode == 1
+    assert "other" in r.stderr and "mask" in r.stderr
+    assert (tmp_path / "o" / "good_desc-anomaly_map.nii.gz").exists()
+    assert not list((tmp_path / "o").glob("other*"))
+
+
+def test_missing_calibration_and_corrupt_weights_are_refused(tmp_path, tiny_model):
+    import shutil
+
+    from volseg.anomaly.infer import load_anomaly_model
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model, d)
+    (d / "calibration.json").unlink()
+    with pytest.raises(WeightsError, match="calibrate"):
+        load_anomaly_model(d, require_calibration=True)
+    blob = bytearray((d / "model.safetensors").read_bytes())
+    blob[-10] ^= 0xFF
+    (d / "model.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(WeightsError, match="checksum"):
+        load_anomaly_model(d)
+
+
+@pytest.mark.skipif(not (SHIPPED / "model.json").exists(), reason="no shipped anomaly model")
+def test_shipped_model_maps_an_inserted_lesion_higher_than_healthy_tissue():
+    from volseg.anomaly.data import synth_brain
+    from volseg.anomaly.infer import anomaly_volume, load_anomaly_model
+    from volseg.anomaly.lesions import insert_lesions
+
+    model = load_anomaly_model(None)
+    data, mask, meta = synth_brain(777)  # a synthetic brain the model never saw (seed outside training)
+    img, truth, _ = insert_lesions(data, mask, meta.zooms, np.random.default_rng(5), n=2, contrasts=(1.45, 0.4))
+    res = anomaly_volume(img, mask, meta, model)
+    healthy = mask & ~truth
+    # the reconstruction is in the input's units and close to the healthy tissue
+    ratio = np.median(res.recon[healthy]) / np.median(img[healthy])
+    assert 0.85 < ratio < 1.15
+    assert res.map[truth].mean() > 3 * res.map[healthy].mean()
+    assert res.flag is True
+    assert dice(res.mask, truth) > 0.3

@@ -1,0 +1,110 @@
+"""Anomaly-stage settings (``configs/ae.yaml``; unknown keys are errors)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from volseg.config import Config
+
+
+@dataclass(frozen=True)
+class AENetConfig:
+    in_channels: int = 1
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    bottleneck: int = 64
+    skips: bool = True
+    skip_dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class AEDataConfig:
+    # healthy brain-only T1: NIfTI/MGH files (brain mask = non-zero voxels, or X_brainmask beside)
+    # or folders; "mni152" is nilearn's MNI152 2009 brain; ${VOLSEG_SHARED_DATA} is expanded
+    healthy: tuple[str, ...] = ("mni152",)
+    synth_count: int = 24  # synthetic healthy brains (skull-stripped synthetic heads)
+    synth_seed: int = 5000
+    synth_ratio: float = 0.5
+    # held out: validation brains (lesions inserted with fixed seeds) for per-epoch AUPRC
+    validation: tuple[str, ...] = ()
+    cache_dir: str = "runs/ae/cache"
+
+
+@dataclass(frozen=True)
+class CorruptionConfig:
+    """Synthetic anomalies painted into healthy training patches; the network learns to
+    return the healthy image (a denoising autoencoder). Kept broader than any evaluation
+    lesion model: sizes, shapes, contrasts and textures all vary."""
+
+    prob: float = 0.8  # chance that a patch gets anomalies
+    max_blobs: int = 4
+    radius_mm: tuple[float, float] = (2.0, 16.0)
+    dark: tuple[float, float] = (0.1, 0.8)  # multiples of the white-matter level
+    bright: tuple[float, float] = (1.15, 2.0)
+    coarse_noise: float = 0.3  # chance of coarse Gaussian noise (Kascenas et al.) instead of / with blobs
+    coarse_noise_std: float = 0.15
+    weight: float = 10.0  # loss weight on corrupted voxels (healthy voxels: 1)
+
+
+@dataclass(frozen=True)
+class AEAugmentConfig:
+    prob: float = 0.5
+    rotate_deg: float = 10.0
+    scale: float = 0.1
+    flip_lr: float = 0.5
+    elastic: float = 0.2
+    gamma: float = 0.4
+    bias: float = 0.3
+    noise: float = 0.3
+
+
+@dataclass(frozen=True)
+class AETrainConfig:
+    steps: int = 2000
+    steps_per_epoch: int = 200
+    batch_size: int = 4
+    patch: tuple[int, int, int] = (64, 64, 64)
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    seed: int = 0
+    threads: int = 2
+    device: str = "auto"
+    amp: bool = True
+    out_dir: str = "runs/ae"
+
+
+@dataclass(frozen=True)
+class MapConfig:
+    residual: str = "abs"  # abs | positive (x > reconstruction only) | negative
+    erode_mm: float = 4.0  # ignore this rim of the brain mask (partial volume with CSF/skull)
+    median_size: int = 5  # 3D median filter width in working-grid voxels (0/1: off)
+    min_component_voxels: int = 0  # drop connected components of the native mask below this
+    n4: bool = True  # N4 inside the brain mask before the grid (off when the image is already corrected)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    voxel_fpr: float = 0.001  # healthy false-positive rate that sets the voxel threshold
+    scan_percentile: float = 95.0  # scan threshold: this percentile of healthy scan scores
+    score_top_percent: float = 1.0  # scan score: mean of the top 1% of map values in the brain
+
+
+@dataclass(frozen=True)
+class AEConfig:
+    net: AENetConfig = field(default_factory=AENetConfig)
+    data: AEDataConfig = field(default_factory=AEDataConfig)
+    corruption: CorruptionConfig = field(default_factory=CorruptionConfig)
+    augment: AEAugmentConfig = field(default_factory=AEAugmentConfig)
+    train: AETrainConfig = field(default_factory=AETrainConfig)
+    maps: MapConfig = field(default_factory=MapConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    preprocess: Config = field(default_factory=Config)
+
+
+def load_ae_config(path=None) -> AEConfig:
+    from volseg.config import load_config
+
+    return load_config(path, cls=AEConfig) if path else AEConfig()
+
+
+__all__ = ["AEConfig", "AENetConfig", "AEDataConfig", "CorruptionConfig", "AEAugmentConfig",
+           "AETrainConfig", "MapConfig", "CalibrationConfig", "load_ae_config"]

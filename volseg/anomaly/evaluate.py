@@ -1,0 +1,210 @@
+"""Calibration on healthy brains and evaluation on labelled cases (``volseg calibrate``,
+``volseg evaluate anomaly``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from volseg.anomaly.infer import CALIBRATION_FILE, AnomalyModel, anomaly_volume, load_brain_input
+from volseg.anomaly.metrics import scan_metrics, scan_threshold, voxel_metrics, voxel_threshold
+from volseg.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Case:
+    """One evaluation brain: image, brain mask (None: non-zero voxels), lesion mask (None:
+    healthy); or arrays already in memory (``arrays = (image, mask, lesion, meta)``)."""
+
+    id: str
+    image: str | None = None
+    mask: str | None = None
+    lesion: str | None = None
+    arrays: tuple | None = None
+
+    def load(self):
+        if self.arrays is not None:
+            return self.arrays
+        from volseg.io import load_image
+
+        data, mask, meta = load_brain_input(self.image, self.mask)
+        lesion = None
+        if self.lesion:
+            lesion, _ = load_image(self.lesion)
+            if lesion.shape != data.shape:
+                raise InputError(self.lesion, f"lesion mask shape {lesion.shape} differs from the image's {data.shape}")
+            lesion = lesion > 0
+        return data, mask, lesion, meta
+
+
+def read_cases(csv_path) -> list[Case]:
+    """A CSV with columns ``id,image,mask,lesion`` (mask and lesion may be empty; relative
+    paths are taken from the CSV's folder)."""
+    from volseg.strip.data import expand_path
+
+    csv_path = Path(csv_path)
+    if not csv_path.exists():
+        raise InputError(csv_path, "case list not found")
+    base = csv_path.parent
+    out = []
+    with open(csv_path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            if not row.get("image"):
+                raise InputError(csv_path, f"row without an image: {row}")
+
+            def path(key):
+                v = (row.get(key) or "").strip()
+                if not v:
+                    return None
+                p = Path(expand_path(v))
+                return str(p if p.is_absolute() else base / p)
+
+            out.append(Case(id=row.get("id") or Path(row["image"]).name.split(".")[0], image=path("image"),
+                            mask=path("mask"), lesion=path("lesion")))
+    return out
+
+
+def lesion_cases(image: str, mask: str | None, n: int, seed: int = 0, **kwargs) -> list[Case]:
+    """``n`` cases with evaluation lesions (:func:`volseg.anomaly.lesions.insert_lesions`)
+    inserted into one healthy brain, plus the healthy brain itself."""
+    from volseg.anomaly.lesions import insert_lesions
+    from volseg.io import scan_id
+
+    data, bmask, meta = load_brain_input(image, mask)
+    sid = scan_id(image)
+    cases = [Case(id=f"{sid}_healthy", arrays=(data, bmask, None, meta))]
+    for k in range(n):
+        img, truth, _ = insert_lesions(data, bmask, meta.zooms, np.random.default_rng(seed + k), **kwargs)
+        cases.append(Case(id=f"{sid}_lesions{seed + k}", arrays=(img, bmask, truth, meta)))
+    return cases
+
+
+def calibrate(model: AnomalyModel, cases: list[Case], fpr: float | None = None,
+              percentile: float | None = None) -> dict:
+    """Voxel threshold at a healthy false-positive rate and scan threshold at a percentile of
+    healthy scan scores, from healthy ``cases``."""
+    cc = model.cfg.calibration
+    fpr = cc.voxel_fpr if fpr is None else fpr
+    percentile = cc.scan_percentile if percentile is None else percentile
+    values, scores, per = [], [], {}
+    for case in cases:
+        data, mask, _, meta = case.load()
+        res = anomaly_volume(data, mask, meta, model, voxel_threshold=np.inf)
+        values.append(res.map[mask].astype(np.float32))
+        scores.append(res.score)
+        per[case.id] = {"score": res.score, "voxels": int(mask.sum())}
+        log.info("calibration %s: score %.4f", case.id, res.score)
+    pooled = np.concatenate(values)
+    return {
+        "voxel_threshold": voxel_threshold(pooled, fpr), "voxel_fpr": fpr,
+        "scan_threshold": scan_threshold(scores, percentile), "scan_percentile": percentile,
+        "score_definition": f"mean of the top {cc.score_top_percent}% of anomaly-map values in the brain "
+                            "(2 mm working grid)",
+        "healthy_scans": per, "model_sha256": model.info.get("sha256"),
+    }
+
+
+def write_calibration(calib: dict, dest_dir: Path) -> Path:
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    tmp = dest_dir / f".{CALIBRATION_FILE}.tmp"
+    tmp.write_text(json.dumps(calib, indent=2) + "\n")
+    tmp.replace(dest_dir / CALIBRATION_FILE)
+    return dest_dir / CALIBRATION_FILE
+
+
+def _panel(res, truth_native, png: Path, title: str) -> None:
+    """Original / reconstruction / residual / map through the lesion (or the map's peak)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from monai.data import MetaTensor
+
+    prep = res.prep
+    g = prep.grid_image[0].numpy()
+    recon = res.grid_recon
+    resid = np.abs(g - recon) * prep.grid_mask
+    truth = None
+    if truth_native is not None:
+        t = MetaTensor(torch.as_tensor(truth_native[None].astype(np.float32)),
+                       affine=torch.as_tensor(prep.meta.affine))
+        truth = prep.grid(t, grid_affine=np.asarray(prep.grid_image.affine), mode="bilinear")[0].numpy() > 0.5
+    centre = (np.argwhere(truth).mean(0) if truth is not None and truth.any()
+              else np.unravel_index(int(np.argmax(res.grid_map)), g.shape))
+    cx, cy, cz = (int(round(c)) for c in centre)
+    vmax_map = max(float(res.grid_map.max()), 1e-6)
+    cols = [("original", g, "gray", (0, 1.6)), ("reconstruction", recon, "gray", (0, 1.6)),
+            ("residual |x - x̂|", resid, "magma", (0, 0.8)), ("anomaly map", res.grid_map, "magma", (0, vmax_map))]
+    views = [("axial", lambda a: a[:, :, cz].T), ("coronal", lambda a: a[:, cy, :].T), ("sagittal", lambda a: a[cx, :, :].T)]
+    fig, axes = plt.subplots(3, 4, figsize=(10, 8))
+    for r, (vname, cut) in enumerate(views):
+        for c, (cname, arr, cmap, lim) in enumerate(cols):
+            ax = axes[r, c]
+            ax.imshow(cut(arr), cmap=cmap, vmin=lim[0], vmax=lim[1], origin="lower")
+            if truth is not None and truth.any():
+                ax.contour(cut(truth.astype(float)), levels=[0.5], colors="cyan", linewidths=0.6)
+            ax.set_xticks([]); ax.set_yticks([])
+            if r == 0:
+                ax.set_title(cname, fontsize=9)
+            if c == 0:
+                ax.set_ylabel(vname, fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=70)
+    plt.close(fig)
+
+
+def evaluate(model: AnomalyModel, cases: list[Case], out_dir, panels: bool = True) -> dict:
+    """Maps for every case; pooled voxel metrics over the lesion cases, scan metrics over all."""
+    out = Path(out_dir)
+    (out / "panels").mkdir(parents=True, exist_ok=True)
+    thr = model.voxel_threshold
+    scan_thr = model.scan_threshold
+    rows, pooled_s, pooled_t, labels, scores = [], [], [], [], []
+    for case in cases:
+        data, mask, lesion, meta = case.load()
+        res = anomaly_volume(data, mask, meta, model)
+        s = res.map[mask]
+        row = {"id": case.id, "lesion_voxels": int(lesion[mask].sum()) if lesion is not None else 0,
+               "score": round(res.score, 5), "flag": res.flag, "anomaly_voxels": int(res.mask[mask].sum()),
+               "anomaly_s": res.timings["anomaly_s"]}
+        if lesion is not None:
+            m = voxel_metrics(s, lesion[mask], thr)
+            row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()
+                        if k in ("auroc", "auprc", "dice", "best_dice")})
+            pooled_s.append(s.astype(np.float32)); pooled_t.append(lesion[mask])
+        rows.append(row)
+        labels.append(lesion is not None and bool(lesion[mask].any()))
+        scores.append(res.score)
+        if panels:
+            _panel(res, lesion, out / "panels" / f"{case.id}.png", f"{case.id}: score {res.score:.3f}")
+        log.info("%s: %s", case.id, row)
+    summary = {"cases": len(cases), "lesion_cases": int(sum(labels)), "voxel_threshold": thr,
+               "scan_threshold": scan_thr, "model_sha256": model.info.get("sha256")}
+    if pooled_s:
+        summary["voxel"] = voxel_metrics(np.concatenate(pooled_s), np.concatenate(pooled_t), thr)
+        summary["voxel"]["note"] = ("pooled over the brain voxels of the lesion cases; best_dice uses the "
+                                    "best threshold on these very data (optimistic)")
+    if scan_thr is not None and 0 < sum(labels) < len(labels):
+        summary["scan"] = scan_metrics(labels, scores, scan_thr)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / "anomaly_cases.tsv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, keys, delimiter="\t", restval="n/a")
+        w.writeheader(); w.writerows(rows)
+    (out / "anomaly_metrics.json").write_text(json.dumps(dict(summary, per_case=rows), indent=2, default=str) + "\n")
+    if model.model_dir and (Path(model.model_dir) / "learning_curve.png").exists():
+        shutil.copy(Path(model.model_dir) / "learning_curve.png", out / "learning_curve.png")
+    return summary
+
+
+__all__ = ["Case", "read_cases", "lesion_cases", "calibrate", "write_calibration", "evaluate"]

@@ -1,0 +1,199 @@
+"""Anomaly inference: reconstruct a brain with the autoencoder, map the residual, threshold it.
+
+Given a brain image and its mask on the native grid, :func:`anomaly_volume` returns, on that
+same grid, the anomaly map (the 3D-median-filtered residual |x - x̂| inside the eroded brain,
+in white-matter units, 0 outside the brain), the binary anomaly mask at the calibrated voxel
+threshold, the reconstruction (in the input's intensity units) and a scan score with its
+normal/anomalous flag.
+
+Scan score: the mean of the top 1% (``calibration.score_top_percent``) of anomaly-map values
+inside the brain on the 2 mm working grid (so it does not depend on the input's voxel size).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from volseg.anomaly.config import AEConfig
+from volseg.anomaly.maps import remove_small, residual_map, scan_score
+from volseg.anomaly.prep import prepare_brain
+from volseg.errors import InputError
+from volseg.io import AtomicWriter, ImageMeta, load_image, scan_id
+
+MAP_SUFFIX = "_desc-anomaly_map"
+MASK_SUFFIX = "_label-anomaly_mask"
+RECON_SUFFIX = "_desc-reconstruction_T1w"
+CALIBRATION_FILE = "calibration.json"
+
+
+@dataclass
+class AnomalyModel:
+    net: object
+    info: dict
+    cfg: AEConfig
+    device: object
+    calibration: dict | None = None
+    model_dir: Path | None = None
+
+    @property
+    def voxel_threshold(self) -> float | None:
+        return None if not self.calibration else float(self.calibration["voxel_threshold"])
+
+    @property
+    def scan_threshold(self) -> float | None:
+        return None if not self.calibration else float(self.calibration["scan_threshold"])
+
+
+@dataclass
+class AnomalyResult:
+    map: np.ndarray  # float32, native grid, 0 outside the brain
+    mask: np.ndarray  # uint8, native grid
+    recon: np.ndarray  # float32, native grid, input intensity units, 0 outside the brain
+    score: float
+    flag: bool | None
+    timings: dict
+    info: dict = field(default_factory=dict)
+    grid_map: np.ndarray | None = None  # the map on the working grid
+    grid_recon: np.ndarray | None = None  # the reconstruction on the working grid (white-matter units)
+    prep: object = None
+
+
+def load_anomaly_model(model_dir: Path | str | None = None, device="cpu", cfg: AEConfig | None = None,
+                       require_calibration: bool = False) -> AnomalyModel:
+    """The autoencoder (checked safetensors), its settings and its calibration, if any."""
+    from volseg.config import config_from_dict
+    from volseg.strip.model import PACKAGE_MODELS, WeightsError, load_model
+
+    model_dir = Path(model_dir) if model_dir else PACKAGE_MODELS / "ae"
+    net, info = load_model(model_dir, kind="ae", device=device)
+    if cfg is None:
+        cfg = config_from_dict(info.get("config") or {}, AEConfig, source=str(model_dir / "model.json"))
+    calib = None
+    cpath = model_dir / CALIBRATION_FILE
+    if cpath.exists():
+        try:
+            calib = json.loads(cpath.read_text())
+        except json.JSONDecodeError as exc:
+            raise WeightsError(f"{cpath}: not valid JSON ({exc})") from None
+        if calib.get("model_sha256") != info.get("sha256"):
+            raise WeightsError(f"{cpath}: calibrated for another model (sha256 {str(calib.get('model_sha256'))[:12]}..."
+                               f", weights {str(info.get('sha256'))[:12]}...); run 'volseg calibrate'")
+    elif require_calibration:
+        raise WeightsError(f"{model_dir}: no {CALIBRATION_FILE}; run 'volseg calibrate' first")
+    return AnomalyModel(net=net, info=info, cfg=cfg, device=device, calibration=calib, model_dir=model_dir)
+
+
+def anomaly_volume(data: np.ndarray, brain_mask: np.ndarray, meta: ImageMeta, model: AnomalyModel,
+                   cfg: AEConfig | None = None, n4: bool | None = None,
+                   voxel_threshold: float | None = None) -> AnomalyResult:
+    """Anomaly map, mask, reconstruction and scan score of one brain, on its native grid."""
+    from volseg.anomaly.train import reconstruct
+
+    cfg = cfg or model.cfg
+    mc = cfg.maps
+    t0 = time.perf_counter()
+    prep = prepare_brain(data, brain_mask, meta, cfg, n4=n4)
+    t1 = time.perf_counter()
+    g = prep.grid_image[0].numpy()
+    recon = reconstruct(model.net, g, prep.grid_mask, model.device)
+    t2 = time.perf_counter()
+    erode = int(round(mc.erode_mm / cfg.preprocess.grid.spacing_mm))
+    gmap = residual_map(g, recon, prep.grid_mask, mc.residual, erode, mc.median_size)
+    score = scan_score(gmap[prep.grid_mask], cfg.calibration.score_top_percent)
+    t3 = time.perf_counter()
+    mask = prep.mask
+    amap = np.where(mask, np.maximum(prep.to_native(gmap), 0.0), 0.0).astype(np.float32)
+    low, wm = prep.scale["low"], prep.scale["wm"]
+    recon_native = np.where(mask, prep.to_native(np.where(prep.grid_mask, recon, 0.0)) * (wm - low) + low, 0.0)
+    thr = voxel_threshold if voxel_threshold is not None else model.voxel_threshold
+    if thr is not None:
+        amask = remove_small((amap > thr) & mask, mc.min_component_voxels).astype(np.uint8)
+    else:
+        amask = np.zeros(mask.shape, np.uint8)
+    flag = None if model.scan_threshold is None else bool(score > model.scan_threshold)
+    t4 = time.perf_counter()
+    timings = dict(prep.timings, reconstruct_s=round(t2 - t1, 3), map_s=round(t3 - t2, 3),
+                   invert_s=round(t4 - t3, 3), anomaly_s=round(t4 - t0 - prep.timings["n4_s"], 3),
+                   total_s=round(t4 - t0, 3))
+    info = {"Model": {"sha256": model.info.get("sha256"), "net": model.info.get("net"), "kind": "ae"},
+            "Calibration": model.calibration, "VoxelThreshold": thr,
+            "ScanThreshold": model.scan_threshold, "Maps": {k: getattr(mc, k) for k in mc.__dataclass_fields__},
+            "IntensityScale": {"low": low, "white_matter": wm},
+            "ScanScore": score, "ScanScoreDefinition": f"mean of the top {cfg.calibration.score_top_percent}% "
+                                                       "of anomaly-map values in the brain on the 2 mm grid",
+            "Anomalous": flag}
+    return AnomalyResult(map=amap, mask=amask, recon=recon_native.astype(np.float32), score=score, flag=flag,
+                         timings=timings, info=info, grid_map=gmap, grid_recon=recon, prep=prep)
+
+
+def load_brain_input(path, mask_path=None) -> tuple[np.ndarray, np.ndarray, ImageMeta]:
+    """A brain-only image and its mask (given, or the non-zero voxels)."""
+    from volseg.anomaly.data import nonzero_mask
+    from volseg.anomaly.prep import check_brain_mask
+
+    data, meta = load_image(path)
+    if mask_path is not None:
+        mask, mmeta = load_image(mask_path)
+        if mask.shape != data.shape or not np.allclose(mmeta.affine, meta.affine, atol=1e-3):
+            raise InputError(mask_path, f"mask grid {mask.shape} does not match the image {path} {data.shape}")
+        mask = mask > 0
+    else:
+        mask = nonzero_mask(data)
+    return data, check_brain_mask(mask, data, path), meta
+
+
+def write_anomaly(res: AnomalyResult, meta: ImageMeta, out_dir, sid: str, cfg: AEConfig, sources=(),
+                  extra=None) -> dict:
+    """Write the map, mask and reconstruction (+ JSON sidecars) atomically."""
+    from volseg.preprocess import provenance
+
+    out = Path(out_dir)
+    vox_ml = float(np.prod(meta.zooms)) / 1000.0
+    common = provenance(meta, cfg.preprocess, **res.info, Timings=res.timings, **(extra or {}))
+    common["Sources"] = [str(Path(s).resolve()) for s in sources] or common["Sources"]
+    common["AnomalousVolume_mL"] = round(float(res.mask.sum()) * vox_ml, 3)
+    with AtomicWriter() as w:
+        paths = {
+            "map": w.save_image(res.map, meta, out / f"{sid}{MAP_SUFFIX}.nii.gz", kind="map"),
+            "mask": w.save_image(res.mask, meta, out / f"{sid}{MASK_SUFFIX}.nii.gz", kind="mask"),
+            "recon": w.save_image(res.recon, meta, out / f"{sid}{RECON_SUFFIX}.nii.gz", kind="image"),
+        }
+        w.save_json(dict(common, Description="3D-median-filtered autoencoder residual in white-matter units; "
+                                             "0 outside the brain"), out / f"{sid}{MAP_SUFFIX}.json")
+        w.save_json(dict(common, Description="anomaly map above the calibrated voxel threshold"),
+                    out / f"{sid}{MASK_SUFFIX}.json")
+        w.save_json(dict(common, SkullStripped=True, Description="autoencoder reconstruction of the brain"),
+                    out / f"{sid}{RECON_SUFFIX}.json")
+    return paths
+
+
+def anomaly_file(path, out_dir, model: AnomalyModel, mask_path=None, strip=None) -> dict:
+    """``volseg anomaly`` for one input: brain-only with ``mask_path``, else skull-stripped first
+    with ``strip = (net, strip_cfg, device)``."""
+    sid = scan_id(path)
+    if mask_path is None and strip is not None:
+        from volseg.strip.infer import strip_volume
+
+        net, scfg, device = strip
+        data, meta = load_image(path, nonfinite=scfg.preprocess.io.nonfinite)
+        bmask, prep, _ = strip_volume(data, meta, net, scfg, device)
+        if not bmask.any():
+            raise InputError(path, "no brain found (the predicted mask is empty); is this a head T1?")
+        # N4 already ran on the whole head: use the corrected image
+        res = anomaly_volume(prep.native, bmask > 0, meta, model, n4=False)
+        sources = [path]
+    else:
+        data, bmask, meta = load_brain_input(path, mask_path)
+        res = anomaly_volume(data, bmask, meta, model)
+        sources = [path] + ([mask_path] if mask_path else [])
+    paths = write_anomaly(res, meta, out_dir, sid, model.cfg, sources)
+    return dict(paths, score=res.score, flag=res.flag, timings=res.timings)
+
+
+__all__ = ["AnomalyModel", "AnomalyResult", "load_anomaly_model", "anomaly_volume", "anomaly_file",
+           "write_anomaly", "load_brain_input", "MAP_SUFFIX", "MASK_SUFFIX", "RECON_SUFFIX"]

@@ -1,0 +1,268 @@
+"""Training of the anomaly autoencoder on healthy brains (``volseg train ae``).
+
+Each sample is a 64^3 patch of a healthy, white-matter-scaled brain on the working grid,
+augmented (affine, elastic, gamma, bias, noise), then corrupted with synthetic anomalies
+(:func:`volseg.anomaly.lesions.corrupt_patch`); the network is asked for the *clean* patch,
+with an L1 loss weighted up on the corrupted voxels (a denoising autoencoder). Every epoch the
+whole-grid anomaly map of held-out brains with inserted lesions is scored by voxel AUPRC;
+the best epoch is exported (safetensors + JSON), ``last.pt`` is checkpointed (loadable with
+``weights_only=True``), ``log.csv`` and ``learning_curve.png`` are written.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from volseg.anomaly.config import AEConfig
+from volseg.anomaly.data import cached_brains, cached_synth_brains, cached_validation, load_npz
+from volseg.anomaly.lesions import corrupt_patch
+from volseg.anomaly.maps import brain_bbox, residual_map
+from volseg.config import config_to_dict
+from volseg.device import autocast, grad_scaler, pick_device, pin_memory
+from volseg.nets.autoencoder import build_autoencoder
+from volseg.strip.data import expand_path
+
+log = logging.getLogger(__name__)
+
+
+def patch_augmentation(aug, spacing_mm: float = 2.0):
+    import math
+
+    from monai.transforms import (
+        Compose,
+        Rand3DElasticd,
+        RandAdjustContrastd,
+        RandAffined,
+        RandBiasFieldd,
+        RandFlipd,
+        RandGaussianNoised,
+    )
+
+    rot = math.radians(aug.rotate_deg)
+    keys = ("image", "mask")
+    return Compose([
+        RandAffined(keys, prob=aug.prob, rotate_range=(rot,) * 3, scale_range=(aug.scale,) * 3,
+                    mode=("bilinear", "nearest"), padding_mode="zeros", cache_grid=False),
+        Rand3DElasticd(keys, prob=aug.elastic, sigma_range=(4, 6), magnitude_range=(20, 60),
+                       mode=("bilinear", "nearest"), padding_mode="zeros"),
+        RandFlipd(keys, prob=aug.flip_lr, spatial_axis=0),
+        RandAdjustContrastd("image", prob=aug.gamma, gamma=(0.7, 1.5)),
+        RandBiasFieldd("image", prob=aug.bias, coeff_range=(0.0, 0.2)),
+        RandGaussianNoised("image", prob=aug.noise, std=0.03),
+    ])
+
+
+class PatchDataset(Dataset):
+    """Index ``i`` -> (corrupted patch, clean patch, loss weight); a function of (seed, i)."""
+
+    def __init__(self, real: list[Path], synth: list[Path], cfg: AEConfig, length: int, start: int = 0):
+        if not real and not synth:
+            raise ValueError("no training data: give data.healthy brains or data.synth_count > 0")
+        self.real, self.synth, self.cfg = real, synth, cfg
+        self.length, self.start = length, start
+        self.aug = patch_augmentation(cfg.augment, cfg.preprocess.grid.spacing_mm)
+        self._cache: dict[Path, dict] = {}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _load(self, path: Path) -> dict:
+        if path not in self._cache:
+            if len(self._cache) > 200:
+                self._cache.clear()
+            self._cache[path] = load_npz(path)
+        return self._cache[path]
+
+    def sample(self, i: int):
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.train.seed, i])
+        use_synth = self.synth and (not self.real or rng.random() < cfg.data.synth_ratio)
+        pool = self.synth if use_synth else self.real
+        d = self._load(pool[int(rng.integers(len(pool)))])
+        img, mask = d["image"], d["mask"]
+        ps = np.asarray(cfg.train.patch)
+        cand = np.argwhere(mask[::4, ::4, ::4]) * 4
+        c = cand[int(rng.integers(len(cand)))] if len(cand) else np.asarray(img.shape) // 2
+        lo = np.clip(c - ps // 2, 0, np.asarray(img.shape) - ps)
+        box = tuple(slice(int(a), int(a + s)) for a, s in zip(lo, ps))
+        sample = {"image": torch.from_numpy(img[box][None].copy()),
+                  "mask": torch.from_numpy(mask[box][None].astype(np.float32))}
+        self.aug.set_random_state(seed=int(rng.integers(2**31)))
+        sample = self.aug(sample)
+        clean = np.asarray(sample["image"][0], dtype=np.float32)
+        m = np.asarray(sample["mask"][0]) > 0.5
+        clean = np.where(m, clean, 0).astype(np.float32)
+        noisy, corrupted = corrupt_patch(clean, m, rng, cfg.corruption, cfg.preprocess.grid.spacing_mm)
+        weight = 1.0 + (cfg.corruption.weight - 1.0) * corrupted
+        return noisy, clean, weight.astype(np.float32)
+
+    def __getitem__(self, i: int):
+        noisy, clean, weight = self.sample(i + self.start)
+        return torch.from_numpy(noisy[None]), torch.from_numpy(clean[None]), torch.from_numpy(weight[None])
+
+
+def reconstruct(net, image: np.ndarray, mask: np.ndarray, device, multiple: int = 16) -> np.ndarray:
+    """The network's reconstruction of a whole working-grid brain (on its bounding box)."""
+    box = brain_bbox(mask, margin=4, multiple=multiple, shape=image.shape)
+    x = torch.from_numpy(np.ascontiguousarray(image[box]))[None, None].to(device)
+    with torch.inference_mode():
+        y = net(x.float())[0, 0].float().cpu().numpy()
+    recon = np.zeros_like(image, dtype=np.float32)
+    recon[box] = y
+    return recon
+
+
+def _auprc(score: np.ndarray, truth: np.ndarray) -> float:
+    from sklearn.metrics import average_precision_score
+
+    if truth.sum() == 0 or truth.all():
+        return float("nan")
+    return float(average_precision_score(truth.astype(np.uint8), score))
+
+
+@torch.no_grad()
+def validate(net, val: list[Path], cfg: AEConfig, device) -> dict:
+    net.eval()
+    per = {}
+    mc = cfg.maps
+    erode = int(round(mc.erode_mm / cfg.preprocess.grid.spacing_mm))
+    for path in val:
+        d = load_npz(path)
+        recon = reconstruct(net, d["image"], d["mask"], device)
+        amap = residual_map(d["image"], recon, d["mask"], mc.residual, erode, mc.median_size)
+        inside = d["mask"] > 0
+        raw = np.abs(d["image"] - 1.0)  # the no-model baseline: distance from the white-matter level
+        per[path.name.split("-")[1]] = {"auprc": _auprc(amap[inside], d["lesion"][inside]),
+                                        "auprc_raw": _auprc(raw[inside], d["lesion"][inside]),
+                                        "l1": float(np.abs(recon - d["image"])[inside & ~d["lesion"]].mean())}
+    net.train()
+    if not per:
+        return {"auprc": float("nan"), "l1": float("nan"), "per_scan": {}}
+    return {"auprc": float(np.nanmean([m["auprc"] for m in per.values()])),
+            "l1": float(np.mean([m["l1"] for m in per.values()])), "per_scan": per}
+
+
+def _plot(log_csv: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(log_csv) as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return
+    step = [int(r["step"]) for r in rows]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax[0].plot(step, [float(r["train_loss"]) for r in rows], label="train loss (weighted L1)")
+    ax[0].plot(step, [float(r["val_l1"]) for r in rows], label="val L1 (healthy voxels)")
+    ax[0].set_xlabel("step"); ax[0].legend()
+    ax[1].plot(step, [float(r["val_auprc"]) for r in rows], "o-", label="val voxel AUPRC (grid)")
+    ax[1].set_xlabel("step"); ax[1].set_ylim(0, 1); ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+
+
+def export_weights(net, cfg: AEConfig, dest_dir: Path, extra: dict) -> Path:
+    from volseg.strip.model import write_model
+
+    return write_model(net, cfg.net, dest_dir, dict(extra, kind="ae"))
+
+
+def train(cfg: AEConfig, resume: Path | None = None, max_steps: int | None = None, progress: bool = True,
+          stop_after: int | None = None) -> dict:
+    """Train; returns a summary (best validation AUPRC, steps, wall time, paths)."""
+    from monai.utils import set_determinism
+    from tqdm import tqdm
+
+    t_start = time.perf_counter()
+    tc = cfg.train
+    torch.set_num_threads(max(1, tc.threads))
+    set_determinism(seed=tc.seed)
+    device = pick_device(tc.device)
+    out = Path(expand_path(tc.out_dir))
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(expand_path(cfg.data.cache_dir))
+    val_specs = set(cfg.data.validation)
+    real = cached_brains([s for s in cfg.data.healthy if s not in val_specs], cfg, cache)
+    synth = cached_synth_brains(cfg.data.synth_count, cfg.data.synth_seed, cfg, cache) if cfg.data.synth_count else []
+    val = cached_validation(cfg.data.validation, cfg, cache)
+    log.info("%d real and %d synthetic healthy brains, %d validation brains", len(real), len(synth), len(val))
+
+    net = build_autoencoder(cfg.net).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    total = max_steps or tc.steps
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tc.lr, total_steps=total,
+                                                pct_start=min(0.5, max(0.05, 2.0 / total)))
+    scaler = grad_scaler(device, tc.amp)
+    step, best, history = 0, -1.0, []
+    if resume:
+        ckpt = torch.load(resume, map_location=device, weights_only=True)
+        if int(ckpt.get("total_steps", total)) != total:
+            raise ValueError(f"{resume}: checkpoint belongs to a {int(ckpt['total_steps'])}-step schedule, "
+                             f"but {total} steps were asked for; resume with the same number of steps")
+        net.load_state_dict(ckpt["model"]); opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"]); step = int(ckpt["step"]); best = float(ckpt["best_auprc"])
+        log.info("resumed from %s at step %d (best AUPRC %.4f)", resume, step, best)
+
+    ds = PatchDataset(real, synth, cfg, length=(total - step) * tc.batch_size, start=step * tc.batch_size)
+    loader = DataLoader(ds, batch_size=tc.batch_size, shuffle=False, num_workers=1,
+                        pin_memory=pin_memory(device), worker_init_fn=lambda _: torch.set_num_threads(1))
+    log_csv = out / "log.csv"
+    if not log_csv.exists() or not resume:
+        log_csv.write_text("step,epoch,train_loss,val_auprc,val_l1,lr,seconds\n")
+    running, n_run = 0.0, 0
+    bar = tqdm(loader, total=total - step, desc="train ae", disable=not progress)
+    for x, y, w in bar:
+        x, y, w = (t.to(device, non_blocking=True) for t in (x, y, w))
+        with autocast(device, tc.amp):
+            pred = net(x)
+        loss = (w * (pred.float() - y).abs()).sum() / w.sum()
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        step += 1
+        running += float(loss.item()); n_run += 1
+        bar.set_postfix(loss=f"{running / n_run:.4f}")
+        if step % tc.steps_per_epoch == 0 or step == total:
+            v = validate(net, val, cfg, device)
+            row = [step, step // tc.steps_per_epoch, running / n_run, v["auprc"], v["l1"],
+                   sched.get_last_lr()[0], round(time.perf_counter() - t_start, 1)]
+            with open(log_csv, "a") as fh:
+                fh.write(",".join(f"{r:.6g}" if isinstance(r, float) else str(r) for r in row) + "\n")
+            history.append({"step": step, "loss": running / n_run, **v})
+            log.info("step %d loss %.4f val AUPRC %.4f %s", step, running / n_run, v["auprc"],
+                     {k: round(m["auprc"], 4) for k, m in v["per_scan"].items()})
+            running, n_run = 0.0, 0
+            if not val or v["auprc"] > best:
+                best = v["auprc"] if val else best
+                export_weights(net, cfg, out / "best", {"step": step, "validation": v,
+                                                        "config": config_to_dict(cfg)})
+            ckpt = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "step": step, "best_auprc": best, "total_steps": total}
+            torch.save(ckpt, out / ".last.pt.tmp")
+            (out / ".last.pt.tmp").replace(out / "last.pt")
+            _plot(log_csv, out / "learning_curve.png")
+        if stop_after is not None and step >= stop_after:
+            break
+    if step >= total:
+        export_weights(net, cfg, out / "final", {"step": step, "validation": history[-1] if history else None,
+                                                 "config": config_to_dict(cfg)})
+    summary = {"steps": step, "best_val_auprc": best, "wall_s": round(time.perf_counter() - t_start, 1),
+               "out_dir": str(out), "history": history[-1:] if history else []}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+__all__ = ["train", "validate", "PatchDataset", "reconstruct", "patch_augmentation"]
