@@ -63,9 +63,12 @@ def write_dataset_description(out: Path, sources: list[str]) -> Path:
                          "Description": "N4 bias correction, skull stripping and anomaly maps"}],
         "SourceDatasets": [{"URL": Path(s).resolve().as_uri()} for s in sources if Path(s).is_dir()],
     }
+    from volseg.cohort.tables import save_if_changed
+
+    path = Path(out) / "dataset_description.json"
     with AtomicWriter() as w:
-        w.save_json(desc, Path(out) / "dataset_description.json")
-    return Path(out) / "dataset_description.json"
+        save_if_changed(w, json.dumps(desc, indent=2) + "\n", path)
+    return path
 
 
 @contextlib.contextmanager

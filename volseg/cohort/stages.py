@@ -159,7 +159,7 @@ def compute_scan(path: str, ctx: Context) -> ScanResult:
         res = ScanResult(data=data, meta=meta, prep=prep, timings=timings)
         if "strip" in ctx.stages:
             stage = "strip"
-            res.mask = strip_prepared(prep, ctx)
+            res.mask = strip_prepared(prep, ctx.strip_net, ctx.cfg, ctx.device, ctx.tta, ctx.border_mm)
             timings["strip_s"] = time.perf_counter() - t0 - sum(timings.values())
             if not res.mask.any():
                 raise InputError(path, "no brain found (the predicted mask is empty); is this a head T1?")
@@ -178,14 +178,18 @@ def compute_scan(path: str, ctx: Context) -> ScanResult:
         raise ScanFailure(stage, f"{path}: unexpected {type(exc).__name__} in the {stage} stage: {exc}") from exc
 
 
-def strip_prepared(prep, ctx: Context) -> np.ndarray:
-    """Brain mask (uint8, native grid) from an already prepared scan (no second N4)."""
+def strip_prepared(prep, net, cfg, device="cpu", tta: bool = False,
+                   border_mm: float | None = None) -> np.ndarray:
+    """Brain mask (uint8, native grid) from an already prepared scan (no second N4).
+
+    ``cfg`` is a :class:`~volseg.strip.config.StripConfig` (threshold and border).
+    """
     from volseg.strip.infer import clean_mask, predict_grid, to_native
 
-    prob = predict_grid(ctx.strip_net, prep.grid_image, ctx.device, tta=ctx.tta)
+    prob = predict_grid(net, prep.grid_image, device, tta=tta)
     native = to_native(prob, prep)
-    border = ctx.cfg.infer.border_mm if ctx.border_mm is None else ctx.border_mm
-    return clean_mask(native, prep.meta.zooms, ctx.cfg.infer.threshold, border)
+    border = cfg.infer.border_mm if border_mm is None else border_mm
+    return clean_mask(native, prep.meta.zooms, cfg.infer.threshold, border)
 
 
 # Plausible whole-brain mask volumes (mL) for a T1 head of an adult or child.

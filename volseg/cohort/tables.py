@@ -70,14 +70,26 @@ def tsv(rows: list[dict], columns) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save_if_changed(w: AtomicWriter, text: str, path: Path) -> Path:
+    """Stage ``text`` for ``path`` unless the file already holds exactly it (a rerun that
+    changes nothing rewrites nothing)."""
+    try:
+        if path.read_text() == text:
+            return path
+    except (OSError, UnicodeDecodeError):
+        pass
+    return w.save_text(text, path)
+
+
 def write_tables(out: Path, records: list[dict], prefix: str = "") -> tuple[Path, Path]:
     """Write the summary and failures tables (``prefix`` for a shard's own tables)."""
     out = Path(out)
     summary = out / (f"{prefix}_summary.tsv" if prefix else SUMMARY)
     failures = out / (f"{prefix}_failures.tsv" if prefix else FAILURES)
     with AtomicWriter() as w:
-        w.save_text(tsv([summary_row(r) for r in records], SUMMARY_COLUMNS), summary)
-        w.save_text(tsv([r for r in records if r.get("status") != "ok"], FAILURE_COLUMNS), failures)
+        save_if_changed(w, tsv([summary_row(r) for r in records], SUMMARY_COLUMNS), summary)
+        save_if_changed(w, tsv([r for r in records if r.get("status") != "ok"], FAILURE_COLUMNS),
+                        failures)
     return summary, failures
 
 
@@ -85,7 +97,7 @@ def write_report(out: Path, records: list[dict]) -> Path:
     from volseg.report.html import render_report
 
     with AtomicWriter() as w:
-        w.save_text(render_report(records, out), Path(out) / REPORT)
+        save_if_changed(w, render_report(records, out), Path(out) / REPORT)
     return Path(out) / REPORT
 
 

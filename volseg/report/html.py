@@ -6,7 +6,6 @@ One self-contained HTML file beside the outputs; pictures are linked by relative
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
 
@@ -88,12 +87,12 @@ def render_report(records: list[dict], out: Path | str = ".") -> str:
                          for p in r.get("outputs", {}).values())
         sections.append(f'<div class="scan" id="{sid}"><h3>{sid}</h3>'
                         f'<p>{escape(r.get("source", ""))}</p>{imgs}<p>{outs}</p></div>')
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = max((r.get("finished", "") for r in recs if r.get("status") == "ok"), default="")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>volseg QC report: {escape(Path(out).resolve().name)}</title><style>{CSS}</style></head><body>"
         f"<h1>volseg QC report</h1><p>{len(recs)} scans: {n_ok} done, {len(recs) - n_ok} failed, "
-        f"{n_flag} flagged as anomalous, {n_check} to check. volseg {escape(__version__)}, {when}.</p>"
+        f"{n_flag} flagged as anomalous, {n_check} to check. volseg {escape(__version__)}; last scan finished {escape(when)}.</p>"
         f'<table id="cohort">{head}{"".join(rows)}</table>'
         f'<h2>Scans</h2>{"".join(sections) or "<p>No finished scans.</p>"}'
         "</body></html>\n"
