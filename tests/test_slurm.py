@@ -9,6 +9,7 @@ an error, not a skip.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import textwrap
@@ -66,9 +67,10 @@ def test_dry_run_prints_array_range_parallelism_dependency_and_resources(run_cli
 
 
 def test_dry_run_with_gpus_and_one_scan_per_task(run_cli, tmp_path):
-    scan = tmp_path / "a_T1w.nii.gz"
-    scan.write_bytes(b"")
-    res = run_cli("slurm", "submit", scan, scan, "-o", tmp_path / "o", "--scans-per-task", "1",
+    scans = [tmp_path / "a_T1w.nii.gz", tmp_path / "b_T1w.nii.gz"]
+    for scan in scans:
+        scan.write_bytes(b"")
+    res = run_cli("slurm", "submit", *scans, "-o", tmp_path / "o", "--scans-per-task", "1",
                   "--gpus", "1", "--volseg-cmd", "apptainer run --nv /images/volseg.sif", "--dry-run")
     assert res.returncode == 0, res.stderr
     array = _scripts(res.stdout)["array.sbatch"]
@@ -161,3 +163,101 @@ def test_array_and_gather_on_a_real_cluster_with_a_failing_task(slurm, run_cli, 
     assert [j["array_id"] for j in jobs] == [array_id] and jobs[0]["tasks"] == "3"
     # polling squeue, not sbatch --wait's 32 s cadence
     assert took < 120, f"--wait took {took:.0f} s"
+
+
+# ------------------------------------------------------------------- end to end: volseg run
+
+FAST_YAML = "preprocess:\n  n4:\n    shrink_target_mm: 8.0\n    iterations: [20, 20]\n"
+
+
+def _cohort(folder: Path) -> list[Path]:
+    """Three 4 mm synthetic heads and one corrupt file."""
+    import nibabel as nib
+
+    from volseg.synth import synth_head
+
+    folder.mkdir()
+    paths = []
+    for i in range(3):
+        subj = synth_head(300 + i, voxel_size=4.0)
+        img = nib.Nifti1Image(subj.image, subj.affine)
+        img.set_qform(subj.affine, code=1)
+        img.set_sform(subj.affine, code=1)
+        paths.append(folder / f"sub-{i:02d}_T1w.nii.gz")
+        nib.save(img, str(paths[-1]))
+    bad = folder / "sub-bad_T1w.nii.gz"
+    bad.write_bytes(paths[0].read_bytes()[:300])  # truncated
+    return paths + [bad]
+
+
+def _outputs(out: Path) -> dict[Path, int]:
+    """mtime (ns) of every output, sidecar, picture and record of the good scans (the corrupt
+    scan is retried on every run, so its failure record is rewritten)."""
+    files = [p for p in out.glob("sub-*/**/*") if p.is_file()] + list((out / ".volseg" / "scans").glob("*.json"))
+    files = [p for p in files if "sub-bad" not in p.name]
+    return {p: p.stat().st_mtime_ns for p in files}
+
+
+def _submit(run_cli, slurm, raw, out, cfg):
+    res = run_cli("slurm", "submit", raw, "-o", out, "--stages", "n4,strip", "-c", cfg,
+                  "--scans-per-task", "2", "--cpus-per-task", "1", "--mem", "3G", "--array-parallelism", "2",
+                  "--wait", "--poll", "0.5", env=slurm.env, timeout=900)
+    m = re.search(r"^array (\d+) \((\d+) tasks, (\d+) scans\)", res.stdout, re.M)
+    assert m, f"no array id printed\n{res.stdout}\n{res.stderr}\n{slurm.logs()}"
+    return res, m.group(1), int(m.group(2)), int(m.group(3))
+
+
+def _task_logs(out: Path, array_id: str) -> str:
+    return "\n".join(p.read_text() for p in sorted((out / "slurm" / "logs").glob(f"run_{array_id}_*.out")))
+
+
+def test_cohort_array_on_a_real_cluster_records_failures_and_resumes(slurm, run_cli, tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    scans = _cohort(tmp_path / "raw")
+    cfg = tmp_path / "fast.yaml"
+    cfg.write_text(FAST_YAML)
+    out = tmp_path / "deriv"
+
+    res, array_id, tasks, n = _submit(run_cli, slurm, tmp_path / "raw", out, cfg)
+    assert (tasks, n) == (2, 4)
+    assert res.returncode == 1, f"the corrupt scan must give exit 1\n{res.stderr}\n{_task_logs(out, array_id)}"
+    # outputs for the three good scans, on their own grids; nothing for the corrupt one
+    for src in scans[:3]:
+        sid = src.name.split("_")[0]
+        mask = out / sid / "anat" / f"{sid}_desc-brain_mask.nii.gz"
+        assert mask.exists(), f"{mask} missing\n{_task_logs(out, array_id)}"
+        m, s = nib.load(str(mask)), nib.load(str(src))
+        assert m.shape == s.shape and np.allclose(m.affine, s.affine)
+        assert 0 < np.asarray(m.dataobj).mean() < 0.6
+        assert (out / sid / "anat" / f"{sid}_desc-preproc_T1w.nii.gz").exists()
+    assert not list(out.glob("sub-bad/anat/*.nii.gz"))
+    # both shards ran, and the gather job (after a failed task) merged them
+    assert (out / "logs" / "shard-0-of-2_summary.tsv").exists() and (out / "logs" / "shard-1-of-2_summary.tsv").exists()
+    rows = list(csv.DictReader(open(out / "volseg_summary.tsv"), delimiter="\t"))
+    assert sorted((r["scan"], r["status"]) for r in rows) == [
+        ("sub-00", "ok"), ("sub-01", "ok"), ("sub-02", "ok"), ("sub-bad", "failed")]
+    fails = list(csv.DictReader(open(out / "volseg_failures.tsv"), delimiter="\t"))
+    assert [f["scan"] for f in fails] == ["sub-bad"]
+    assert "sub-bad_T1w.nii.gz" in fails[0]["error"] and fails[0]["stage"]
+    assert (out / "report.html").exists()
+    assert "FAILED" in res.stderr and "sub-bad" in res.stderr
+    # the tasks ran with the threads SLURM gave them
+    argv = [json.loads(p.read_text())["argv"] for p in (out / "logs").glob("volseg-run_*.json")]
+    assert len(argv) == 2 and all(a[a.index("--threads") + 1] == "1" for a in argv)
+
+    before = _outputs(out)
+    assert len(before) > 12
+    res2, array2, _, _ = _submit(run_cli, slurm, tmp_path / "raw", out, cfg)
+    assert array2 != array_id
+    assert res2.returncode == 1  # the corrupt scan is retried and fails again
+    assert _outputs(out) == before, "a resubmission rewrote finished outputs"
+    logs2 = _task_logs(out, array2)
+    done = [int(x) for x in re.findall(r"volseg run: (\d+) done", logs2)]
+    skipped = [int(x) for x in re.findall(r"(\d+) already complete", logs2)]
+    assert len(done) == 2 and sum(done) == 0 and sum(skipped) == 3, logs2
+    fails = list(csv.DictReader(open(out / "volseg_failures.tsv"), delimiter="\t"))
+    assert [f["scan"] for f in fails] == ["sub-bad"]
+    jobs = list(csv.DictReader(open(out / "slurm" / "jobs.tsv"), delimiter="\t"))
+    assert [j["array_id"] for j in jobs] == [array_id, array2]

@@ -23,9 +23,11 @@ def cmd_slurm_submit(args) -> int:
         run_args += ["--stages", args.stages]
     if args.config:
         run_args += ["--config", str(Path(args.config).absolute())]
+    if args.participant_label:
+        run_args += ["--participant-label", *args.participant_label]
     for extra in args.run_arg:
         run_args += shlex.split(extra)
-    n = count_scans(args.inputs)
+    n = count_scans(args.inputs, tuple(args.participant_label or ()))
     plan = build_plan(args.inputs, args.output, n, res, volseg_cmd=args.volseg_cmd, run_args=run_args)
     if args.dry_run:
         print(render(plan))
@@ -109,6 +111,8 @@ def register(sub) -> None:
                    help="scans per array task (default 10): the array has ceil(n/M) tasks")
     s.add_argument("--stages", default=None, help="passed to `volseg run --stages`")
     s.add_argument("-c", "--config", type=Path, default=None, help="passed to `volseg run --config`")
+    s.add_argument("--participant-label", nargs="+", default=None, metavar="LABEL",
+                   help="passed to `volseg run --participant-label` (and used to count the scans)")
     s.add_argument("--run-arg", action="append", default=[], metavar="ARGS",
                    help="further `volseg run` options, e.g. --run-arg='--participant-label 01' (repeatable)")
     s.add_argument("--sbatch-arg", action="append", default=[], metavar="OPT",

@@ -105,23 +105,17 @@ def n_tasks(n_scans: int, scans_per_task: int) -> int:
     return max(1, math.ceil(n_scans / scans_per_task))
 
 
-def count_scans(inputs: list[str]) -> int:
-    """How many scans ``volseg run INPUT...`` would process (the cohort stage's discovery).
+def count_scans(inputs: list[str], participants: tuple[str, ...] = ()) -> int:
+    """How many scans ``volseg run INPUT...`` would process, by the cohort stage's own discovery
+    (BIDS datasets, folders, lists, files; a refused duplicate still counts as a scan).
 
     Only the array size depends on it: the shards ``cases[K::N]`` partition the cohort for
-    any ``N``, so a count that is off costs balance, never scans.
+    any ``N``, so a count that is off (files added later) costs balance, never scans.
     """
-    # TODO(issue 5): use volseg.cohort's discovery once it lands
-    from volseg.io import IMAGE_EXTENSIONS
+    from volseg.cohort.inputs import discover, split_duplicates
 
-    n = 0
-    for spec in inputs:
-        p = Path(spec)
-        if p.is_dir():
-            n += sum(1 for f in p.rglob("*") if f.name.lower().endswith(IMAGE_EXTENSIONS))
-        else:
-            n += 1
-    return n
+    keep, dups = split_duplicates(discover(list(inputs), tuple(participants)))
+    return len(keep) + len(dups)
 
 
 def default_volseg_command() -> str:
