@@ -50,15 +50,6 @@ class SlurmError(VolsegError):
     """sbatch/squeue missing or refusing a job."""
 
 
-def slurm_cpus(default: int | None = None) -> int | None:
-    """CPUs given to this SLURM task (``SLURM_CPUS_PER_TASK``), else ``default``."""
-    value = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    try:
-        return max(1, int(value))
-    except ValueError:
-        return default
-
-
 @dataclass(frozen=True)
 class Resources:
     """What each array task asks for. ``time``/``mem``/``partition`` of ``None`` leave the
@@ -307,5 +298,5 @@ def read_failures(out: str | os.PathLike) -> list[dict[str, str]]:
 
 
 __all__ = ["Resources", "Plan", "Submission", "SlurmError", "build_plan", "render", "write_scripts",
-           "submit", "job_states", "wait", "read_failures", "n_tasks", "slurm_cpus", "count_scans",
+           "submit", "job_states", "wait", "read_failures", "n_tasks", "count_scans",
            "default_volseg_command"]
