@@ -195,7 +195,7 @@ def init_volseg_wf(name: str = "volseg_wf", omp_nthreads: int = 1, mem_gb: float
     ``stages``: a subset of ``("n4", "strip", "anomaly")``; None takes all that are available
     (the anomaly stage is left out with a warning when its model is missing). Each node uses
     ``omp_nthreads`` threads and declares ``mem_gb`` for nipype's resource scheduler.
-    ``outputnode`` fields: ``preproc``, ``mask``, ``brain``, ``anomaly_map``, ``anomaly_mask``,
+    ``outputnode`` fields: ``preproc``, ``mask``, ``brain``, ``brain_volume_ml``, ``anomaly_map``, ``anomaly_mask``,
     ``anomaly_score``, ``anomaly_flag`` (those of stages not run stay undefined).
     """
     import logging
@@ -220,7 +220,7 @@ def init_volseg_wf(name: str = "volseg_wf", omp_nthreads: int = 1, mem_gb: float
 
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(IdentityInterface(fields=["in_file"]), name="inputnode")
-    outputnode = pe.Node(IdentityInterface(fields=["preproc", "mask", "brain", "anomaly_map",
+    outputnode = pe.Node(IdentityInterface(fields=["preproc", "mask", "brain", "brain_volume_ml", "anomaly_map",
                                                    "anomaly_mask", "anomaly_score", "anomaly_flag"]),
                          name="outputnode")
     common = dict(n_procs=omp_nthreads, mem_gb=mem_gb)
@@ -235,7 +235,8 @@ def init_volseg_wf(name: str = "volseg_wf", omp_nthreads: int = 1, mem_gb: float
         strip = pe.Node(Strip(num_threads=omp_nthreads, device=device, **cfg, **extra),
                         name="strip", **common)
         wf.connect([(inputnode, strip, [("in_file", "in_file")]),
-                    (strip, outputnode, [("out_mask", "mask"), ("out_brain", "brain")])])
+                    (strip, outputnode, [("out_mask", "mask"), ("out_brain", "brain"),
+                                         ("brain_volume_ml", "brain_volume_ml")])])
         if n4 is not None:
             wf.connect(n4, "out_file", strip, "n4_file")
     if "anomaly" in stages:

@@ -93,7 +93,7 @@ def anomaly_figure(anat_img, map_img, brain_img, anomaly_mask_img, path: str | o
     cut = cut or _centre(brain)
     fig = Figure(figsize=FIG_SIZE, facecolor="black")
     display = plotting.plot_stat_map(amap, bg_img=anat, display_mode="ortho", cut_coords=cut,
-                                     threshold=0.1 * vmax, vmax=vmax, cmap="hot", colorbar=True,
+                                     threshold=0.1 * vmax, vmax=vmax, cmap="hot", colorbar=True, symmetric_cbar=False,
                                      annotate=True, draw_cross=False, black_bg=True, dim=-0.3,
                                      figure=fig, title=title or None)
     if amask is not None and np.asarray(amask.dataobj).any():
