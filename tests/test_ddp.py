@@ -4,6 +4,7 @@ rank 0 writing; the helpers in volseg.hpc.distributed are no-ops for one process
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from volseg.config import config_to_dict
+from volseg.config import Config, config_to_dict
 from volseg.hpc import distributed as dist
 from volseg.strip.config import AugmentConfig, DataConfig, NetConfig, StripConfig, TrainConfig
 
@@ -61,6 +62,7 @@ def test_two_cpu_ranks_train_with_ddp_and_end_with_identical_weights(tmp_path, t
         augment=NO_AUG,
         train=TrainConfig(steps=6, steps_per_epoch=3, lr=1e-2, threads=1, device="cpu", amp=False,
                           out_dir=str(run)),
+        preprocess=dataclasses.replace(Config(), n4=dataclasses.replace(Config().n4, backend="none")),
     )
     cfg_path = tmp_path / "strip.yaml"
     cfg_path.write_text(yaml.safe_dump(config_to_dict(cfg)))
