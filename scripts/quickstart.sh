@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Install volseg into .venv and run it on a small synthetic cohort, all under example/:
-#   example/rawdata/sub-synthNNN_T1w.nii.gz      three synthetic heads (volseg synth)
-#   example/derivatives/volseg/                  what volseg preprocess writes for them
-# Run again to redo the preprocessing; the heads are generated only once.
+# Install volseg into .venv and run the whole pipeline on the embedded example cohort:
+#   example/rawdata/                 a small BIDS dataset of synthetic heads (volseg.cohort.example:
+#                                    sub-01 with sessions 1 and 2, sub-02 with lesions), made on
+#                                    the spot; nothing is downloaded
+#   example/derivatives/volseg/      what `volseg run` writes for them: BIDS derivatives,
+#                                    volseg_summary.tsv, volseg_failures.tsv, report.html
+# Run again: the heads are generated once and finished scans are skipped (resume).
 set -euo pipefail
 start=$SECONDS
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -13,35 +16,18 @@ volseg_venv
 VOLSEG="$PWD/.venv/bin/volseg"
 RAW=example/rawdata
 OUT=example/derivatives/volseg
-N=3
 
-have=0
-for i in $(seq 1 "$N"); do
-    [ -f "$(printf '%s/sub-synth%03d_T1w.nii.gz' "$RAW" "$i")" ] && have=$((have + 1))
-done
-if [ "$have" -eq "$N" ]; then
-    echo "==> $RAW already holds the $N synthetic heads; not generating them again"
-else
-    echo "==> volseg synth -o $RAW -n $N --seed 0"
-    "$VOLSEG" synth -o "$RAW" -n "$N" --seed 0
-fi
+echo "==> writing the example cohort to $RAW (kept if already there)"
+"$VENV_PY" -c 'import sys; from volseg.cohort.example import example_cohort; example_cohort(sys.argv[1])' "$RAW"
 
-shopt -s nullglob
-inputs=("$RAW"/*_T1w.nii.gz)
-shopt -u nullglob
-if [ "${#inputs[@]}" -eq 0 ]; then
-    echo "error: no *_T1w.nii.gz in $RAW after 'volseg synth'" >&2
-    exit 1
-fi
+echo "==> volseg run $RAW -o $OUT"
+"$VOLSEG" run "$RAW" -o "$OUT"
 
-echo "==> volseg preprocess ${inputs[*]} -o $OUT"
-"$VOLSEG" preprocess "${inputs[@]}" -o "$OUT"
-
-echo
-echo "Inputs in $PWD/$RAW:"
-ls -l "$RAW"
 echo
 echo "Outputs in $PWD/$OUT:"
-ls -l "$OUT"
+find "$OUT" -path "$OUT/.volseg" -prune -o -type f -print | sort
 echo
+column -t -s $'\t' "$OUT/volseg_summary.tsv" 2>/dev/null || cat "$OUT/volseg_summary.tsv"
+echo
+echo "QC report: file://$PWD/$OUT/report.html"
 echo "quickstart done in $((SECONDS - start)) s"

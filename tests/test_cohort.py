@@ -229,7 +229,7 @@ def test_shards_partition_the_cohort(run_cli, bids_root, tmp_path):
     assert res.returncode == 2 and "outside 0..3" in res.stderr
 
 
-def test_sharded_run_then_gather(run_cli, bids_root, fast_cfg, reference, tmp_path):
+def test_sharded_run_with_workers_then_gather(run_cli, bids_root, fast_cfg, reference, tmp_path):
     out = tmp_path / "sharded"
     args = ("run", bids_root, "-o", out, "--stages", STAGES, "-c", fast_cfg)
     res = run_cli(*args, "--shard", "0/2")
@@ -239,7 +239,9 @@ def test_sharded_run_then_gather(run_cli, bids_root, fast_cfg, reference, tmp_pa
     res = run_cli("gather", out)
     assert res.returncode == 1 and "1/2" in res.stderr  # shard 1 has not run
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    res = run_cli(*args, env={**env, "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2"})
+    # shard 1 from the SLURM variables, with two worker processes
+    res = run_cli(*args, "--jobs", "2",
+                  env={**env, "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2"})
     assert res.returncode == 0, res.stderr
     res = run_cli("gather", out)
     assert res.returncode == 0, res.stderr

@@ -205,4 +205,4 @@ def _draw_figures(w: _Writer, scan, res, figs: dict[str, Path], vox_ml: float) -
         amask = nib.Nifti1Image(np.asarray(a.mask).astype(np.uint8), aff)
         anomaly_figure(anat, amap, mask, amask, w.stage_path(figs["anomaly"]),
                        title=f"{scan.prefix}  score {float(a.score):.3g}"
-                             + ("  FLAGGED" if a.flag else ""))
+                             + ("  FLAGGED" if a.flag else "  (not calibrated)" if a.flag is None else ""))

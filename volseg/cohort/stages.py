@@ -225,7 +225,7 @@ def qc_measures(res: ScanResult) -> dict:
     if res.anomaly is not None:
         a = res.anomaly
         out["anomaly_score"] = round(float(a.score), 6)
-        out["anomaly_flag"] = bool(a.flag)
+        out["anomaly_flag"] = None if a.flag is None else bool(a.flag)  # None: not calibrated
         out["anomalous_volume_ml"] = round(float(np.asarray(a.mask).sum()) * vox_ml, 2)
     out["qc"] = "check" if out["qc_notes"] else "ok"
     return out
