@@ -266,3 +266,55 @@ def test_shipped_model_maps_an_inserted_lesion_higher_than_healthy_tissue():
     assert res.map[truth].mean() > 3 * res.map[healthy].mean()
     assert res.flag is True
     assert dice(res.mask, truth) > 0.3
+
+
+AE_RANK_SCRIPT = """\
+import os, sys
+import torch
+import volseg.anomaly.train as T
+from volseg.cli import main
+
+rank, out = os.environ["RANK"], sys.argv[1]
+nets, build = [], T.build_autoencoder
+T.build_autoencoder = lambda cfg: nets.append(build(cfg)) or nets[-1]
+code = main(sys.argv[2:])
+torch.save(nets[0].state_dict(), os.path.join(out, f"weights-rank{rank}.pt"))
+sys.exit(code)
+"""
+
+
+def test_ae_training_under_torchrun_two_cpu_ranks_identical_weights(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from volseg.config import config_to_dict
+    from volseg.hpc import distributed as dist
+
+    import dataclasses
+
+    train_brain, _ = _brain_file(tmp_path, seed=60, voxel=(3.0, 3.0, 3.0), name="train")
+    val_brain, _ = _brain_file(tmp_path, seed=61, voxel=(3.0, 3.0, 3.0), name="val")
+    cfg = _tiny_cfg(tmp_path, steps=4, steps_per_epoch=2, batch_size=1, device="cpu", amp=False)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, healthy=(str(train_brain),),
+                                                            validation=(str(val_brain),)))
+    cfg_path = tmp_path / "ae.yaml"
+    cfg_path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    (tmp_path / "rank.py").write_text(AE_RANK_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in dist.TORCHRUN_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           str(tmp_path / "rank.py"), str(tmp_path), "train", "ae", "-c", str(cfg_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, f"torchrun failed\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    w0 = torch.load(tmp_path / "weights-rank0.pt", weights_only=True)
+    w1 = torch.load(tmp_path / "weights-rank1.pt", weights_only=True)
+    for key in w0:
+        assert torch.equal(w0[key], w1[key]), f"{key} differs between the ranks"
+    run = tmp_path / "run"
+    rows = (run / "log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["2", "4"]  # rank 0 alone wrote
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["step"] == 4 and all(torch.equal(ckpt["model"][k], w0[k]) for k in w0)

@@ -7,6 +7,10 @@ with an L1 loss weighted up on the corrupted voxels (a denoising autoencoder). E
 whole-grid anomaly map of held-out brains with inserted lesions is scored by voxel AUPRC;
 the best epoch is exported (safetensors + JSON), ``last.pt`` is checkpointed (loadable with
 ``weights_only=True``), ``log.csv`` and ``learning_curve.png`` are written.
+
+Under ``torchrun`` (``torchrun --nproc_per_node=N -m volseg train ae -c configs/ae.yaml``) the
+network is wrapped in DistributedDataParallel (NCCL on GPUs, gloo on CPUs), rank ``r`` of ``W``
+takes samples ``r, r+W, ...`` and only rank 0 validates, checkpoints and writes.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from volseg.anomaly.data import cached_brains, cached_synth_brains, cached_valid
 from volseg.anomaly.lesions import corrupt_patch
 from volseg.anomaly.maps import brain_bbox, residual_map
 from volseg.config import config_to_dict
-from volseg.device import autocast, grad_scaler, pick_device, pin_memory
+from volseg.device import autocast, grad_scaler, pin_memory
+from volseg.hpc import distributed as dist
 from volseg.nets.autoencoder import build_autoencoder
 from volseg.strip.data import expand_path
 
@@ -182,20 +187,31 @@ def train(cfg: AEConfig, resume: Path | None = None, max_steps: int | None = Non
           stop_after: int | None = None) -> dict:
     """Train; returns a summary (best validation AUPRC, steps, wall time, paths)."""
     from monai.utils import set_determinism
-    from tqdm import tqdm
 
     t_start = time.perf_counter()
     tc = cfg.train
     torch.set_num_threads(max(1, tc.threads))
     set_determinism(seed=tc.seed)
-    device = pick_device(tc.device)
+    ctx = dist.setup(tc.device)  # one process without torchrun
+    try:
+        return _train(cfg, ctx, resume, max_steps, progress, stop_after, t_start)
+    finally:
+        dist.teardown(ctx)
+
+
+def _train(cfg: AEConfig, ctx, resume, max_steps, progress, stop_after, t_start) -> dict:
+    from tqdm import tqdm
+
+    tc = cfg.train
+    device, main = ctx.device, ctx.is_main
     out = Path(expand_path(tc.out_dir))
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(expand_path(cfg.data.cache_dir))
     val_specs = set(cfg.data.validation)
-    real = cached_brains([s for s in cfg.data.healthy if s not in val_specs], cfg, cache)
-    synth = cached_synth_brains(cfg.data.synth_count, cfg.data.synth_seed, cfg, cache) if cfg.data.synth_count else []
-    val = cached_validation(cfg.data.validation, cfg, cache)
+    with dist.main_first():  # rank 0 fills the cache, the other ranks then read it
+        real = cached_brains([s for s in cfg.data.healthy if s not in val_specs], cfg, cache)
+        synth = cached_synth_brains(cfg.data.synth_count, cfg.data.synth_seed, cfg, cache) if cfg.data.synth_count else []
+        val = cached_validation(cfg.data.validation, cfg, cache)
     log.info("%d real and %d synthetic healthy brains, %d validation brains", len(real), len(synth), len(val))
 
     net = build_autoencoder(cfg.net).to(device)
@@ -213,19 +229,22 @@ def train(cfg: AEConfig, resume: Path | None = None, max_steps: int | None = Non
         net.load_state_dict(ckpt["model"]); opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"]); step = int(ckpt["step"]); best = float(ckpt["best_auprc"])
         log.info("resumed from %s at step %d (best AUPRC %.4f)", resume, step, best)
+    model = dist.wrap_model(net, ctx)  # DDP under torchrun, else net
 
-    ds = PatchDataset(real, synth, cfg, length=(total - step) * tc.batch_size, start=step * tc.batch_size)
+    per_step = tc.batch_size * ctx.world_size
+    ds = PatchDataset(real, synth, cfg, length=(total - step) * per_step, start=step * per_step)
     loader = DataLoader(ds, batch_size=tc.batch_size, shuffle=False, num_workers=1,
-                        pin_memory=pin_memory(device), worker_init_fn=lambda _: torch.set_num_threads(1))
+                        sampler=dist.shard_sampler(ds, ctx), pin_memory=pin_memory(device),
+                        worker_init_fn=lambda _: torch.set_num_threads(1))
     log_csv = out / "log.csv"
-    if not log_csv.exists() or not resume:
+    if main and (not log_csv.exists() or not resume):
         log_csv.write_text("step,epoch,train_loss,val_auprc,val_l1,lr,seconds\n")
     running, n_run = 0.0, 0
-    bar = tqdm(loader, total=total - step, desc="train ae", disable=not progress)
+    bar = tqdm(loader, total=total - step, desc="train ae", disable=not (progress and main))
     for x, y, w in bar:
         x, y, w = (t.to(device, non_blocking=True) for t in (x, y, w))
         with autocast(device, tc.amp):
-            pred = net(x)
+            pred = model(x)
         loss = (w * (pred.float() - y).abs()).sum() / w.sum()
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -236,32 +255,37 @@ def train(cfg: AEConfig, resume: Path | None = None, max_steps: int | None = Non
         running += float(loss.item()); n_run += 1
         bar.set_postfix(loss=f"{running / n_run:.4f}")
         if step % tc.steps_per_epoch == 0 or step == total:
-            v = validate(net, val, cfg, device)
-            row = [step, step // tc.steps_per_epoch, running / n_run, v["auprc"], v["l1"],
-                   sched.get_last_lr()[0], round(time.perf_counter() - t_start, 1)]
-            with open(log_csv, "a") as fh:
-                fh.write(",".join(f"{r:.6g}" if isinstance(r, float) else str(r) for r in row) + "\n")
-            history.append({"step": step, "loss": running / n_run, **v})
-            log.info("step %d loss %.4f val AUPRC %.4f %s", step, running / n_run, v["auprc"],
-                     {k: round(m["auprc"], 4) for k, m in v["per_scan"].items()})
+            train_loss = dist.all_reduce_mean(running / n_run)
             running, n_run = 0.0, 0
-            if not val or v["auprc"] > best:
-                best = v["auprc"] if val else best
-                export_weights(net, cfg, out / "best", {"step": step, "validation": v,
-                                                        "config": config_to_dict(cfg)})
-            ckpt = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "step": step, "best_auprc": best, "total_steps": total}
-            torch.save(ckpt, out / ".last.pt.tmp")
-            (out / ".last.pt.tmp").replace(out / "last.pt")
-            _plot(log_csv, out / "learning_curve.png")
+            if main:  # validates and writes while the other ranks wait at the barrier
+                v = validate(net, val, cfg, device)
+                row = [step, step // tc.steps_per_epoch, train_loss, v["auprc"], v["l1"],
+                       sched.get_last_lr()[0], round(time.perf_counter() - t_start, 1)]
+                with open(log_csv, "a") as fh:
+                    fh.write(",".join(f"{r:.6g}" if isinstance(r, float) else str(r) for r in row) + "\n")
+                history.append({"step": step, "loss": train_loss, **v})
+                log.info("step %d loss %.4f val AUPRC %.4f %s", step, train_loss, v["auprc"],
+                         {k: (round(m["auprc"], 4), round(m["auprc_raw"], 4)) for k, m in v["per_scan"].items()})
+                if not val or v["auprc"] > best:
+                    best = v["auprc"] if val else best
+                    export_weights(net, cfg, out / "best", {"step": step, "validation": v,
+                                                            "config": config_to_dict(cfg)})
+                ckpt = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "step": step, "best_auprc": best, "total_steps": total}
+                torch.save(ckpt, out / ".last.pt.tmp")
+                (out / ".last.pt.tmp").replace(out / "last.pt")
+                _plot(log_csv, out / "learning_curve.png")
+            dist.barrier()
         if stop_after is not None and step >= stop_after:
             break
-    if step >= total:
+    best = dist.broadcast_object(best)
+    if main and step >= total:
         export_weights(net, cfg, out / "final", {"step": step, "validation": history[-1] if history else None,
                                                  "config": config_to_dict(cfg)})
     summary = {"steps": step, "best_val_auprc": best, "wall_s": round(time.perf_counter() - t_start, 1),
                "out_dir": str(out), "history": history[-1:] if history else []}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
