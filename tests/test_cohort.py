@@ -283,3 +283,24 @@ def test_sigkill_mid_run_then_rerun_gives_identical_masks(volseg_exe, bids_root,
     for k in ref:
         assert np.array_equal(ref[k], got[k]), f"{k} differs from the uninterrupted run"
     assert not [p for p in out.rglob(".*tmp*")], "temporary files left behind"
+
+
+def test_restart_cleans_only_its_own_staged_files(tmp_path):
+    from volseg.cohort.export import record_path, start_scan
+    from volseg.cohort.inputs import Scan
+
+    a = Scan("/x/sub-01_T1w.nii.gz", "01", None, "sub-01")
+    b = Scan("/x/sub-01_run-2_T1w.nii.gz", "01", None, "sub-01_run-2")
+    anat = tmp_path / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    mine = [anat / ".sub-01_desc-brain_mask.tmp77.nii.gz", anat / ".sub-01_desc-brain_mask.tmp77.json",
+            tmp_path / "sub-01" / "figures" / ".sub-01_desc-brain_mask.png.tmp77"]
+    theirs = [anat / ".sub-01_run-2_desc-brain_mask.tmp78.nii.gz",
+              record_path(tmp_path, b).with_name(".sub-01_run-2.tmp78.json")]
+    rec = record_path(tmp_path, a)
+    for p in mine + theirs + [rec]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("x")
+    start_scan(tmp_path, a)
+    assert not any(p.exists() for p in mine + [rec])
+    assert all(p.exists() for p in theirs)

@@ -96,15 +96,21 @@ def _all_known_files(out: Path, scan) -> list[Path]:
     return [p for img in imgs.values() for p in (img, sidecar(img))] + list(figs.values())
 
 
+def _staged_glob(path: Path) -> str:
+    """Glob of the temporary names :class:`AtomicWriter` stages ``path`` under."""
+    name = path.name
+    ext = next((e for e in (".nii.gz", ".nii", ".json", ".tsv") if name.endswith(e)), "")
+    return f".{name[: len(name) - len(ext)] if ext else name}.tmp*"
+
+
 def start_scan(out: Path, scan) -> None:
-    """Before (re)processing: drop the scan's record and any files a killed run staged."""
-    record_path(out, scan).unlink(missing_ok=True)
-    for folder in {Path(out) / scan.rel_dir, Path(out) / scan.figures_dir,
-                   record_path(out, scan).parent}:
-        if folder.is_dir():
-            for stale in folder.glob(f".{scan.prefix}_*.tmp*"):
-                stale.unlink(missing_ok=True)
-            for stale in folder.glob(f".{scan.prefix}.tmp*"):
+    """Before (re)processing: drop the scan's record and any files a killed run staged for it
+    (exact names only: another scan of the same folder may be writing at the same time)."""
+    rec = record_path(out, scan)
+    rec.unlink(missing_ok=True)
+    for final in _all_known_files(out, scan) + [rec]:
+        if final.parent.is_dir():
+            for stale in final.parent.glob(_staged_glob(final)):
                 stale.unlink(missing_ok=True)
 
 
