@@ -109,7 +109,8 @@ def main() -> int:
             print(f"{stage:<10}{statistics.mean(vals):>9.2f}{min(vals):>9.2f}{max(vals):>9.2f}")
     per_scan = sum(float(r["time_total_s"]) for r in rows) / max(len(rows), 1)
     print(f"throughput: {len(rows) / wall * 3600:.0f} scans/h wall clock, start-up included "
-          f"({3600 / per_scan:.0f} scans/h from the per-scan time {per_scan:.1f} s)")
+          f"({3600 * args.jobs / per_scan:.0f} scans/h from the mean per-scan time {per_scan:.1f} s "
+          f"with {args.jobs} worker(s))")
     marks = sorted(k for k in by_scan if k > 0)
     if marks:
         first, last = marks[0], marks[-1]
