@@ -219,7 +219,7 @@ def qc_measures(res: ScanResult) -> dict:
         fg = img[res.mask > 0]
         if air.size >= 500 and fg.size:
             sigma = float(np.std(air)) / np.sqrt(2.0 / (4.0 - np.pi))  # Rayleigh air noise
-            out["snr"] = round(float(fg.mean()) / sigma, 2) if sigma > 0 else None
+            out["snr"] = round(float(fg.mean()) / float(sigma), 2) if sigma > 0 else None
         else:
             out["snr"] = None
     if res.anomaly is not None:
