@@ -78,10 +78,10 @@ def test_config_file_loads_and_rejects_unknown_keys(tmp_path):
 
 
 def test_autoencoder_loss_falls_on_synthetic_patches(tmp_path):
-    """A few steps of the real training loop on a synthetic brain: the weighted L1 falls."""
+    """A few steps of the real training loss on a synthetic brain's corrupted patches: it falls."""
     from volseg.anomaly.data import _save
     from volseg.anomaly.prep import prepare_brain
-    from volseg.anomaly.train import PatchDataset
+    from volseg.anomaly.train import PatchDataset, restoration_loss
     from volseg.anomaly.data import synth_brain
     from volseg.nets.autoencoder import build_autoencoder
 
@@ -93,13 +93,13 @@ def test_autoencoder_loss_falls_on_synthetic_patches(tmp_path):
     ds = PatchDataset([npz], [], cfg, length=4)
     batch = [ds[i] for i in range(2)]
     x, y, w = (torch.stack([b[k] for b in batch]) for k in range(3))
-    assert x.shape == (2, 1, 32, 32, 32) and float(w.max()) >= 1.0
+    assert x.shape == (2, 1, 32, 32, 32) and 0 <= float(w.min()) and float(w.max()) <= 1.0
     torch.manual_seed(0)
     net = build_autoencoder(cfg.net)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     losses = []
     for _ in range(25):
-        loss = (w * (net(x) - y).abs()).sum() / w.sum()
+        loss = restoration_loss(net(x), y, w, 1.0)
         opt.zero_grad(); loss.backward(); opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.6 * losses[0], losses
@@ -125,6 +125,28 @@ def test_train_command_writes_checkpoints_and_resumes(tmp_path):
     rows = (run / "log.csv").read_text().strip().splitlines()
     assert len(rows) == 3 and rows[0].startswith("step,")
     assert (run / "learning_curve.png").stat().st_size > 1000
+
+
+def test_restoration_loss_balances_corrupted_voxels():
+    from volseg.anomaly.train import restoration_loss
+
+    clean = torch.zeros(1, 1, 10, 10, 10)
+    corrupted = torch.zeros_like(clean); corrupted[..., :1] = 1.0  # 10% of the voxels
+    pred = clean.clone(); pred[..., :1] = 1.0  # wrong exactly there, by 1
+    # whole-patch L1 = 0.1, corrupted-voxel L1 = 1
+    assert float(restoration_loss(pred, clean, corrupted, 1.0)) == pytest.approx(1.1)
+    assert float(restoration_loss(pred, clean, corrupted, 0.0)) == pytest.approx(0.1)
+    assert float(restoration_loss(pred, clean, torch.zeros_like(clean), 1.0)) == pytest.approx(0.1)
+
+
+def test_white_matter_peak_ignores_grey_matter_mode():
+    from volseg.anomaly.prep import wm_peak
+
+    rng = np.random.default_rng(0)
+    gm = rng.normal(95, 12, 60000)  # a grey-matter mode as large as white matter's
+    wm = rng.normal(135, 8, 45000)
+    csf = rng.normal(30, 10, 15000)
+    assert wm_peak(np.concatenate([gm, wm, csf])) == pytest.approx(135, abs=5)
 
 
 def test_residual_map_median_erosion_and_signs():

@@ -35,14 +35,14 @@ class CorruptionConfig:
     return the healthy image (a denoising autoencoder). Kept broader than any evaluation
     lesion model: sizes, shapes, contrasts and textures all vary."""
 
-    prob: float = 0.8  # chance that a patch gets anomalies
+    prob: float = 0.9  # chance that a patch gets anomalies
     max_blobs: int = 4
     radius_mm: tuple[float, float] = (2.0, 16.0)
     dark: tuple[float, float] = (0.1, 0.8)  # multiples of the white-matter level
     bright: tuple[float, float] = (1.15, 2.0)
     coarse_noise: float = 0.3  # chance of coarse Gaussian noise (Kascenas et al.) instead of / with blobs
     coarse_noise_std: float = 0.15
-    weight: float = 10.0  # loss weight on corrupted voxels (healthy voxels: 1)
+    weight: float = 1.0  # weight of the L1 over corrupted voxels beside the L1 over the whole patch
 
 
 @dataclass(frozen=True)

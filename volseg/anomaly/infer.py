@@ -53,7 +53,6 @@ class AnomalyModel:
 class AnomalyResult:
     map: np.ndarray  # float32, native grid, 0 outside the brain
     mask: np.ndarray  # uint8, native grid
-    recon: np.ndarray  # float32, native grid, input intensity units, 0 outside the brain
     score: float
     flag: bool | None
     timings: dict
@@ -61,6 +60,17 @@ class AnomalyResult:
     grid_map: np.ndarray | None = None  # the map on the working grid
     grid_recon: np.ndarray | None = None  # the reconstruction on the working grid (white-matter units)
     prep: object = None
+
+    @property
+    def recon(self) -> np.ndarray:
+        """The reconstruction on the native grid in the input's intensity units, 0 outside the
+        brain (made on first use: ``volseg run`` does not write it)."""
+        if getattr(self, "_recon", None) is None:
+            p = self.prep
+            low, wm = p.scale["low"], p.scale["wm"]
+            back = p.to_native(np.where(p.grid_mask, self.grid_recon, 0.0))
+            self._recon = np.where(p.mask, back * (wm - low) + low, 0.0).astype(np.float32)
+        return self._recon
 
 
 def load_anomaly_model(model_dir: Path | str | None = None, device="cpu", cfg: AEConfig | None = None,
@@ -109,7 +119,6 @@ def anomaly_volume(data: np.ndarray, brain_mask: np.ndarray, meta: ImageMeta, mo
     mask = prep.mask
     amap = np.where(mask, np.maximum(prep.to_native(gmap), 0.0), 0.0).astype(np.float32)
     low, wm = prep.scale["low"], prep.scale["wm"]
-    recon_native = np.where(mask, prep.to_native(np.where(prep.grid_mask, recon, 0.0)) * (wm - low) + low, 0.0)
     thr = voxel_threshold if voxel_threshold is not None else model.voxel_threshold
     if thr is not None:
         amask = remove_small((amap > thr) & mask, mc.min_component_voxels).astype(np.uint8)
@@ -127,7 +136,7 @@ def anomaly_volume(data: np.ndarray, brain_mask: np.ndarray, meta: ImageMeta, mo
             "ScanScore": score, "ScanScoreDefinition": f"mean of the top {cfg.calibration.score_top_percent}% "
                                                        "of anomaly-map values in the brain on the 2 mm grid",
             "Anomalous": flag}
-    return AnomalyResult(map=amap, mask=amask, recon=recon_native.astype(np.float32), score=score, flag=flag,
+    return AnomalyResult(map=amap, mask=amask, score=score, flag=flag,
                          timings=timings, info=info, grid_map=gmap, grid_recon=recon, prep=prep)
 
 

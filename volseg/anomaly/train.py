@@ -2,8 +2,10 @@
 
 Each sample is a 64^3 patch of a healthy, white-matter-scaled brain on the working grid,
 augmented (affine, elastic, gamma, bias, noise), then corrupted with synthetic anomalies
-(:func:`volseg.anomaly.lesions.corrupt_patch`); the network is asked for the *clean* patch,
-with an L1 loss weighted up on the corrupted voxels (a denoising autoencoder). Every epoch the
+(:func:`volseg.anomaly.lesions.corrupt_patch`); the network is asked for the *clean* patch
+(a denoising autoencoder) with :func:`restoration_loss`: the L1 over the patch plus the L1
+over the corrupted voxels alone, so that removing anomalies weighs as much as copying healthy
+tissue. Every epoch the
 whole-grid anomaly map of held-out brains with inserted lesions is scored by voxel AUPRC;
 the best epoch is exported (safetensors + JSON), ``last.pt`` is checkpointed (loadable with
 ``weights_only=True``), ``log.csv`` and ``learning_curve.png`` are written.
@@ -66,7 +68,8 @@ def patch_augmentation(aug, spacing_mm: float = 2.0):
 
 
 class PatchDataset(Dataset):
-    """Index ``i`` -> (corrupted patch, clean patch, loss weight); a function of (seed, i)."""
+    """Index ``i`` -> (corrupted patch, clean patch, corruption strength in [0, 1]); a function
+    of (seed, i)."""
 
     def __init__(self, real: list[Path], synth: list[Path], cfg: AEConfig, length: int, start: int = 0):
         if not real and not synth:
@@ -106,12 +109,22 @@ class PatchDataset(Dataset):
         m = np.asarray(sample["mask"][0]) > 0.5
         clean = np.where(m, clean, 0).astype(np.float32)
         noisy, corrupted = corrupt_patch(clean, m, rng, cfg.corruption, cfg.preprocess.grid.spacing_mm)
-        weight = 1.0 + (cfg.corruption.weight - 1.0) * corrupted
-        return noisy, clean, weight.astype(np.float32)
+        return noisy, clean, corrupted.astype(np.float32)
 
     def __getitem__(self, i: int):
         noisy, clean, weight = self.sample(i + self.start)
         return torch.from_numpy(noisy[None]), torch.from_numpy(clean[None]), torch.from_numpy(weight[None])
+
+
+def restoration_loss(pred, clean, corrupted, weight: float = 1.0):
+    """L1 over the patch plus ``weight`` times the L1 over the corrupted voxels alone (weighted
+    by corruption strength). Balancing the two keeps the rare corrupted voxels from being
+    drowned by the healthy ones, where copying the input is already right."""
+    err = (pred - clean).abs()
+    dims = tuple(range(1, err.dim()))
+    whole = err.mean(dim=dims)
+    focus = (corrupted * err).sum(dim=dims) / corrupted.sum(dim=dims).clamp(min=1.0)
+    return (whole + weight * focus).mean()
 
 
 def reconstruct(net, image: np.ndarray, mask: np.ndarray, device, multiple: int = 16) -> np.ndarray:
@@ -245,7 +258,7 @@ def _train(cfg: AEConfig, ctx, resume, max_steps, progress, stop_after, t_start)
         x, y, w = (t.to(device, non_blocking=True) for t in (x, y, w))
         with autocast(device, tc.amp):
             pred = model(x)
-        loss = (w * (pred.float() - y).abs()).sum() / w.sum()
+        loss = restoration_loss(pred.float(), y, w, cfg.corruption.weight)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -289,4 +302,4 @@ def _train(cfg: AEConfig, ctx, resume, max_steps, progress, stop_after, t_start)
     return summary
 
 
-__all__ = ["train", "validate", "PatchDataset", "reconstruct", "patch_augmentation"]
+__all__ = ["train", "validate", "PatchDataset", "reconstruct", "restoration_loss", "patch_augmentation"]
