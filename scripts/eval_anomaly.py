@@ -8,8 +8,9 @@ Cases (none used for training or calibration by configs/ae.yaml):
   - real lesions: lesion/brats2013 (glioma, post-contrast T1, z-scored: labels > 0) and
     lesion/open_ms_mni/patient19 (MS, T1, consensus lesion mask).
 
-Baseline (no model): |x - 1| on the white-matter scale (distance from the white-matter level),
-with the same erosion, median filter and inversion as the model's map.
+Baselines (no model), with the same erosion, median filter and inversion as the model's map:
+the raw intensity on the white-matter scale (as in ../shared/ref/anomaly-baselines.md), and
+|x - 1| (distance from the white-matter level).
 
     python scripts/eval_anomaly.py [--model DIR] [-o runs/eval_anomaly] [--seeds 3]
 """
@@ -67,7 +68,7 @@ def main() -> int:
         out = args.output / name.split()[0].replace("/", "_")
         summary = evaluate(model, cases, out, panels=not args.no_panels)
         # the no-model baseline on the same cases
-        pooled_s, pooled_t = [], []
+        pooled_s, pooled_r, pooled_t = [], [], []
         cfg = model.cfg
         erode = int(round(cfg.maps.erode_mm / cfg.preprocess.grid.spacing_mm))
         for case in cases:
@@ -79,11 +80,16 @@ def main() -> int:
             base = residual_map(g, np.where(res.prep.grid_mask, 1.0, 0.0), res.prep.grid_mask, "abs", erode,
                                 cfg.maps.median_size)
             native = np.where(mask, res.prep.to_native(base), 0)
+            raw = residual_map(g, np.zeros_like(g), res.prep.grid_mask, "abs", erode, cfg.maps.median_size)
+            raw_native = np.where(mask, res.prep.to_native(raw), 0)
             pooled_s.append(native[mask].astype(np.float32)); pooled_t.append(lesion[mask])
+            pooled_r.append(raw_native[mask].astype(np.float32))
         base = voxel_metrics(np.concatenate(pooled_s), np.concatenate(pooled_t)) if pooled_s else {}
+        rawm = voxel_metrics(np.concatenate(pooled_r), np.concatenate(pooled_t)) if pooled_r else {}
         v = summary.get("voxel", {})
         report[name] = {"model": {k: v.get(k) for k in ("auroc", "auprc", "dice", "best_dice", "fpr", "sensitivity")},
                         "baseline_distance_from_wm": {k: base.get(k) for k in ("auroc", "auprc", "best_dice")},
+                        "baseline_raw_intensity": {k: rawm.get(k) for k in ("auroc", "auprc", "best_dice")},
                         "scan": summary.get("scan"),
                         "per_case": [{k: r.get(k) for k in ("id", "auprc", "dice", "best_dice", "score", "flag",
                                                             "anomaly_s")} for r in
@@ -93,7 +99,9 @@ def main() -> int:
               f"Dice@calibrated {v.get('dice', float('nan')):.4f}  best Dice (optimistic) "
               f"{v.get('best_dice', float('nan')):.4f}")
         if base:
-            print(f"   baseline: AUROC {base['auroc']:.4f}  AUPRC {base['auprc']:.4f}  best Dice {base['best_dice']:.4f}")
+            print(f"   baseline |x-1|: AUROC {base['auroc']:.4f}  AUPRC {base['auprc']:.4f}  best Dice {base['best_dice']:.4f}")
+            print(f"   baseline raw intensity: AUROC {rawm['auroc']:.4f}  AUPRC {rawm['auprc']:.4f}  "
+                  f"best Dice {rawm['best_dice']:.4f}")
         for r in report[name]["per_case"]:
             print(f"   {r}")
     args.output.mkdir(parents=True, exist_ok=True)
