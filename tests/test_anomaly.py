@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from volseg.anomaly.config import AEConfig, AENetConfig, CorruptionConfig, load_ae_config
+from volseg.anomaly.config import AEConfig, load_ae_config
 from volseg.anomaly.maps import remove_small, residual_map, scan_score
 from volseg.anomaly.metrics import dice, scan_metrics, scan_threshold, voxel_metrics, voxel_threshold
 from volseg.strip.model import PACKAGE_MODELS, WeightsError

@@ -17,7 +17,6 @@ takes samples ``r, r+W, ...`` and only rank 0 validates, checkpoints and writes.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import time
@@ -36,6 +35,7 @@ from volseg.device import autocast, grad_scaler, pin_memory
 from volseg.hpc import distributed as dist
 from volseg.nets.autoencoder import build_autoencoder
 from volseg.strip.data import expand_path
+from volseg.training import append_row, load_checkpoint, one_cycle, plot_learning_curve, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -168,28 +168,6 @@ def validate(net, val: list[Path], cfg: AEConfig, device) -> dict:
             "l1": float(np.mean([m["l1"] for m in per.values()])), "per_scan": per}
 
 
-def _plot(log_csv: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(log_csv) as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
-        return
-    step = [int(r["step"]) for r in rows]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax[0].plot(step, [float(r["train_loss"]) for r in rows], label="train loss (weighted L1)")
-    ax[0].plot(step, [float(r["val_l1"]) for r in rows], label="val L1 (healthy voxels)")
-    ax[0].set_xlabel("step"); ax[0].legend()
-    ax[1].plot(step, [float(r["val_auprc"]) for r in rows], "o-", label="val voxel AUPRC (grid)")
-    ax[1].set_xlabel("step"); ax[1].set_ylim(0, 1); ax[1].legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=80)
-    plt.close(fig)
-
-
 def export_weights(net, cfg: AEConfig, dest_dir: Path, extra: dict) -> Path:
     from volseg.strip.model import write_model
 
@@ -230,17 +208,11 @@ def _train(cfg: AEConfig, ctx, resume, max_steps, progress, stop_after, t_start)
     net = build_autoencoder(cfg.net).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     total = max_steps or tc.steps
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tc.lr, total_steps=total,
-                                                pct_start=min(0.5, max(0.05, 2.0 / total)))
+    sched = one_cycle(opt, tc.lr, total)
     scaler = grad_scaler(device, tc.amp)
     step, best, history = 0, -1.0, []
     if resume:
-        ckpt = torch.load(resume, map_location=device, weights_only=True)
-        if int(ckpt.get("total_steps", total)) != total:
-            raise ValueError(f"{resume}: checkpoint belongs to a {int(ckpt['total_steps'])}-step schedule, "
-                             f"but {total} steps were asked for; resume with the same number of steps")
-        net.load_state_dict(ckpt["model"]); opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"]); step = int(ckpt["step"]); best = float(ckpt["best_auprc"])
+        step, best = load_checkpoint(resume, net, opt, sched, total, "best_auprc", device)
         log.info("resumed from %s at step %d (best AUPRC %.4f)", resume, step, best)
     model = dist.wrap_model(net, ctx)  # DDP under torchrun, else net
 
@@ -274,8 +246,7 @@ def _train(cfg: AEConfig, ctx, resume, max_steps, progress, stop_after, t_start)
                 v = validate(net, val, cfg, device)
                 row = [step, step // tc.steps_per_epoch, train_loss, v["auprc"], v["l1"],
                        sched.get_last_lr()[0], round(time.perf_counter() - t_start, 1)]
-                with open(log_csv, "a") as fh:
-                    fh.write(",".join(f"{r:.6g}" if isinstance(r, float) else str(r) for r in row) + "\n")
+                append_row(log_csv, row)
                 history.append({"step": step, "loss": train_loss, **v})
                 log.info("step %d loss %.4f val AUPRC %.4f %s", step, train_loss, v["auprc"],
                          {k: (round(m["auprc"], 4), round(m["auprc_raw"], 4)) for k, m in v["per_scan"].items()})
@@ -283,11 +254,10 @@ def _train(cfg: AEConfig, ctx, resume, max_steps, progress, stop_after, t_start)
                     best = v["auprc"] if val else best
                     export_weights(net, cfg, out / "best", {"step": step, "validation": v,
                                                             "config": config_to_dict(cfg)})
-                ckpt = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "step": step, "best_auprc": best, "total_steps": total}
-                torch.save(ckpt, out / ".last.pt.tmp")
-                (out / ".last.pt.tmp").replace(out / "last.pt")
-                _plot(log_csv, out / "learning_curve.png")
+                save_checkpoint(out, net, opt, sched, step, total, "best_auprc", best)
+                plot_learning_curve(log_csv, out / "learning_curve.png",
+                                    {"train_loss": "train loss", "val_l1": "val L1 (healthy voxels)"},
+                                    "val_auprc", "val voxel AUPRC (grid)", loss_label="L1")
             dist.barrier()
         if stop_after is not None and step >= stop_after:
             break

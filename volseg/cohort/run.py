@@ -15,7 +15,6 @@ import logging
 import os
 import platform
 import sys
-import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path

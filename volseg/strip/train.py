@@ -15,7 +15,6 @@ One process behaves exactly as without torchrun.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import time
@@ -31,6 +30,7 @@ from volseg.hpc import distributed as dist
 from volseg.nets import build_unet
 from volseg.strip.augment import seeded, train_augmentation
 from volseg.strip.config import StripConfig
+from volseg.training import append_row, load_checkpoint, one_cycle, plot_learning_curve, save_checkpoint
 from volseg.strip.data import cached_real, cached_synth, expand_path, find_pairs, load_cached
 
 log = logging.getLogger(__name__)
@@ -97,27 +97,6 @@ def validate(net, val: list[Path], device, spacing: float) -> dict:
     return dict(mean, per_scan=per)
 
 
-def _plot(log_csv: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(log_csv) as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
-        return
-    step = [int(r["step"]) for r in rows]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax[0].plot(step, [float(r["train_loss"]) for r in rows], label="train loss")
-    ax[0].set_xlabel("step"); ax[0].set_ylabel("Dice+focal loss"); ax[0].legend()
-    ax[1].plot(step, [float(r["val_dice"]) for r in rows], "o-", label="val Dice (grid)")
-    ax[1].set_xlabel("step"); ax[1].set_ylim(0.5, 1.0); ax[1].legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=80)
-    plt.close(fig)
-
-
 def export_weights(net, cfg: StripConfig, dest_dir: Path, extra: dict) -> Path:
     """Write ``model.safetensors`` and ``model.json`` (net config, sha256, metrics)."""
     from volseg.strip.model import write_model
@@ -171,19 +150,12 @@ def _train(cfg: StripConfig, ctx: dist.DistContext, resume, max_steps, progress,
     net = build_unet(cfg.net).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     total = max_steps or tc.steps
-    # 5% warm-up (at least 2 steps, which OneCycleLR needs for short runs)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tc.lr, total_steps=total,
-                                                pct_start=min(0.5, max(0.05, 2.0 / total)))
+    sched = one_cycle(opt, tc.lr, total)
     scaler = grad_scaler(device, tc.amp)
     loss_fn = DiceFocalLoss(sigmoid=True, lambda_dice=tc.lambda_dice, lambda_focal=tc.lambda_focal)
     step, best, history = 0, -1.0, []
     if resume:
-        ckpt = torch.load(resume, map_location=device, weights_only=True)
-        net.load_state_dict(ckpt["model"]); opt.load_state_dict(ckpt["optimizer"])
-        if int(ckpt.get("total_steps", total)) != total:
-            raise ValueError(f"{resume}: checkpoint belongs to a {int(ckpt['total_steps'])}-step schedule, "
-                             f"but {total} steps were asked for; resume with the same number of steps")
-        sched.load_state_dict(ckpt["scheduler"]); step = int(ckpt["step"]); best = float(ckpt["best_dice"])
+        step, best = load_checkpoint(resume, net, opt, sched, total, "best_dice", device)
         log.info("resumed from %s at step %d (best Dice %.4f)", resume, step, best)
     model = dist.wrap_model(net, ctx)  # DDP under torchrun (rank 0's weights broadcast), else net
 
@@ -216,8 +188,7 @@ def _train(cfg: StripConfig, ctx: dist.DistContext, resume, max_steps, progress,
                 v = validate(net, val, device, cfg.preprocess.grid.spacing_mm)
                 row = [step, step // tc.steps_per_epoch, train_loss, v["dice"], v["iou"], v["hd95_mm"],
                        sched.get_last_lr()[0], round(time.perf_counter() - t_start, 1)]
-                with open(log_csv, "a") as fh:
-                    fh.write(",".join(f"{r:.6g}" if isinstance(r, float) else str(r) for r in row) + "\n")
+                append_row(log_csv, row)
                 history.append({"step": step, "loss": train_loss, **v})
                 log.info("step %d loss %.4f val Dice %.4f %s", step, train_loss, v["dice"],
                          {k: round(m["dice"], 4) for k, m in v["per_scan"].items()})
@@ -225,12 +196,9 @@ def _train(cfg: StripConfig, ctx: dist.DistContext, resume, max_steps, progress,
                     best = v["dice"] if val else best
                     export_weights(net, cfg, out / "best", {"step": step, "validation": v,
                                                             "config": config_to_dict(cfg)})
-                ckpt = {"model": net.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "step": step, "best_dice": best,
-                        "total_steps": total}
-                torch.save(ckpt, out / ".last.pt.tmp")
-                (out / ".last.pt.tmp").replace(out / "last.pt")
-                _plot(log_csv, out / "learning_curve.png")
+                save_checkpoint(out, net, opt, sched, step, total, "best_dice", best)
+                plot_learning_curve(log_csv, out / "learning_curve.png", {"train_loss": "train loss"}, "val_dice",
+                                    "val Dice (grid)", loss_label="Dice+focal loss", ylim=(0.5, 1.0))
             dist.barrier()
         if stop_after is not None and step >= stop_after:
             break
