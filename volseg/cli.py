@@ -78,21 +78,30 @@ def cmd_synth(args) -> int:
     return EXIT_OK
 
 
+def _rank0() -> bool:
+    """Not a torchrun worker other than rank 0 (the process group is gone when training returns)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def cmd_train(args) -> int:
     if args.what == "ae":
         from volseg.anomaly.config import load_ae_config
         from volseg.anomaly.train import train as train_ae
 
         summary = train_ae(load_ae_config(args.config), resume=args.resume, max_steps=args.steps)
-        print(f"best validation AUPRC {summary['best_val_auprc']:.4f} after {summary['steps']} steps; "
-              f"outputs in {summary['out_dir']}")
+        if _rank0():
+            print(f"best validation AUPRC {summary['best_val_auprc']:.4f} after {summary['steps']} steps; "
+                  f"outputs in {summary['out_dir']}")
         return EXIT_OK
     from volseg.strip.config import load_strip_config
     from volseg.strip.train import train
 
     cfg = load_strip_config(args.config)
     summary = train(cfg, resume=args.resume, max_steps=args.steps)
-    print(f"best validation Dice {summary['best_val_dice']:.4f} after {summary['steps']} steps; "
+    if _rank0():
+        print(f"best validation Dice {summary['best_val_dice']:.4f} after {summary['steps']} steps; "
           f"outputs in {summary['out_dir']}")
     return EXIT_OK
 
