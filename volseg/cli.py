@@ -102,7 +102,7 @@ def cmd_train(args) -> int:
     summary = train(cfg, resume=args.resume, max_steps=args.steps)
     if _rank0():
         print(f"best validation Dice {summary['best_val_dice']:.4f} after {summary['steps']} steps; "
-          f"outputs in {summary['out_dir']}")
+              f"outputs in {summary['out_dir']}")
     return EXIT_OK
 
 
