@@ -114,19 +114,12 @@ def cached_synth_brains(count: int, seed: int, cfg, cache_dir: Path) -> list[Pat
     return out
 
 
-def lesion_case(data, mask, meta, seed: int, **kwargs):
-    """Evaluation lesions (:func:`volseg.anomaly.lesions.insert_lesions`) in a healthy brain."""
-    from volseg.anomaly.lesions import insert_lesions
-
-    img, truth, params = insert_lesions(data, mask, meta.zooms, np.random.default_rng(seed), **kwargs)
-    return img, truth, params
-
-
 def cached_validation(specs, cfg, cache_dir: Path, seed: int = 77) -> list[Path]:
     """Validation brains with inserted lesions on the working grid (image, mask, lesion)."""
     import torch
     from monai.data import MetaTensor
 
+    from volseg.anomaly.lesions import insert_lesions
     from volseg.anomaly.prep import prepare_brain
 
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -137,7 +130,7 @@ def cached_validation(specs, cfg, cache_dir: Path, seed: int = 77) -> list[Path]
         dest = cache_dir / f"val-{p.name.split('.')[0]}-{_key(spec, stamp, seed, cfg.preprocess, cfg.maps.n4)}.npz"
         if not dest.exists():
             data, mask, meta = load_brain(spec)
-            img, truth, _ = lesion_case(data, mask, meta, seed + j)
+            img, truth, _ = insert_lesions(data, mask, meta.zooms, np.random.default_rng(seed + j))
             prep = prepare_brain(img, mask, meta, cfg)
             t = prep.grid(MetaTensor(torch.as_tensor(truth[None].astype(np.float32)),
                                      affine=torch.as_tensor(meta.affine)),
@@ -160,4 +153,4 @@ def load_npz(path: Path) -> dict:
 
 
 __all__ = ["load_brain", "cached_brains", "cached_synth_brains", "cached_validation", "load_npz",
-           "nonzero_mask", "find_mask", "synth_brain", "lesion_case"]
+           "nonzero_mask", "find_mask", "synth_brain"]
