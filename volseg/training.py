@@ -9,6 +9,26 @@ from pathlib import Path
 import torch
 
 
+def run_training(body, cfg, *args):
+    """Set threads and seeds from ``cfg.train``, join torchrun's process group (none for one
+    process), call ``body(cfg, ctx, *args, t_start)`` and leave the group whatever happens."""
+    import time
+
+    from monai.utils import set_determinism
+
+    from volseg.hpc import distributed as dist
+
+    t_start = time.perf_counter()
+    tc = cfg.train
+    torch.set_num_threads(max(1, tc.threads))
+    set_determinism(seed=tc.seed)
+    ctx = dist.setup(tc.device)
+    try:
+        return body(cfg, ctx, *args, t_start)
+    finally:
+        dist.teardown(ctx)
+
+
 def one_cycle(opt, lr: float, total: int):
     """Adam's one-cycle schedule with a 5% warm-up (at least 2 steps, which OneCycleLR needs)."""
     return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total,
@@ -66,4 +86,4 @@ def plot_learning_curve(log_csv: Path, png: Path, losses: dict[str, str], metric
     plt.close(fig)
 
 
-__all__ = ["one_cycle", "save_checkpoint", "load_checkpoint", "append_row", "plot_learning_curve"]
+__all__ = ["run_training", "one_cycle", "save_checkpoint", "load_checkpoint", "append_row", "plot_learning_curve"]

@@ -35,7 +35,8 @@ from volseg.device import autocast, grad_scaler, pin_memory
 from volseg.hpc import distributed as dist
 from volseg.nets.autoencoder import build_autoencoder
 from volseg.strip.data import expand_path
-from volseg.training import append_row, load_checkpoint, one_cycle, plot_learning_curve, save_checkpoint
+from volseg.training import (append_row, load_checkpoint, one_cycle, plot_learning_curve, run_training,
+                             save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -177,17 +178,7 @@ def export_weights(net, cfg: AEConfig, dest_dir: Path, extra: dict) -> Path:
 def train(cfg: AEConfig, resume: Path | None = None, max_steps: int | None = None, progress: bool = True,
           stop_after: int | None = None) -> dict:
     """Train; returns a summary (best validation AUPRC, steps, wall time, paths)."""
-    from monai.utils import set_determinism
-
-    t_start = time.perf_counter()
-    tc = cfg.train
-    torch.set_num_threads(max(1, tc.threads))
-    set_determinism(seed=tc.seed)
-    ctx = dist.setup(tc.device)  # one process without torchrun
-    try:
-        return _train(cfg, ctx, resume, max_steps, progress, stop_after, t_start)
-    finally:
-        dist.teardown(ctx)
+    return run_training(_train, cfg, resume, max_steps, progress, stop_after)
 
 
 def _train(cfg: AEConfig, ctx, resume, max_steps, progress, stop_after, t_start) -> dict:

@@ -30,7 +30,8 @@ from volseg.hpc import distributed as dist
 from volseg.nets import build_unet
 from volseg.strip.augment import seeded, train_augmentation
 from volseg.strip.config import StripConfig
-from volseg.training import append_row, load_checkpoint, one_cycle, plot_learning_curve, save_checkpoint
+from volseg.training import (append_row, load_checkpoint, one_cycle, plot_learning_curve, run_training,
+                             save_checkpoint)
 from volseg.strip.data import cached_real, cached_synth, expand_path, find_pairs, load_cached
 
 log = logging.getLogger(__name__)
@@ -112,17 +113,7 @@ def train(cfg: StripConfig, resume: Path | None = None,
     ends early at that step, as an interruption would (for tests). Under torchrun every rank
     calls this; rank 0 writes the outputs (see the module docstring).
     """
-    from monai.utils import set_determinism
-
-    t_start = time.perf_counter()
-    tc = cfg.train
-    torch.set_num_threads(max(1, tc.threads))
-    set_determinism(seed=tc.seed)
-    ctx = dist.setup(tc.device)  # one process without torchrun
-    try:
-        return _train(cfg, ctx, resume, max_steps, progress, stop_after, t_start)
-    finally:
-        dist.teardown(ctx)
+    return run_training(_train, cfg, resume, max_steps, progress, stop_after)
 
 
 def _train(cfg: StripConfig, ctx: dist.DistContext, resume, max_steps, progress, stop_after, t_start) -> dict:
