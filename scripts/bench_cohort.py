@@ -66,6 +66,7 @@ def main() -> int:
     ap.add_argument("--stages", default=None, help="passed to volseg run (default: its own)")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=None, help="passed to volseg run (default: its own)")
     ap.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: temporary)")
     args = ap.parse_args()
 
@@ -80,6 +81,8 @@ def main() -> int:
            "--jobs", str(args.jobs), "--threads", str(args.threads)]
     if args.stages:
         cmd += ["--stages", args.stages]
+    if args.batch_size:
+        cmd += ["--batch-size", str(args.batch_size)]
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -101,7 +104,8 @@ def main() -> int:
     with open(out / "volseg_summary.tsv", newline="") as fh:
         rows = [r for r in csv.DictReader(fh, delimiter="\t") if r["status"] == "ok"]
     print(f"\n{len(rows)} of {args.n} scans done in {wall:.1f} s wall "
-          f"({os.cpu_count()} CPUs, jobs {args.jobs}, threads {args.threads or 'default'})")
+          f"({os.cpu_count()} CPUs, jobs {args.jobs}, threads {args.threads or 'default'}, "
+          f"batch size {args.batch_size or 'default'})")
     print(f"{'stage':<10}{'mean s':>9}{'min s':>9}{'max s':>9}")
     for stage in ("load", "n4", "strip", "anomaly", "export", "total"):
         vals = [float(r[f"time_{stage}_s"]) for r in rows if r.get(f"time_{stage}_s", "n/a") != "n/a"]

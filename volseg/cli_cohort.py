@@ -19,8 +19,8 @@ def cmd_run(args) -> int:
     except (StageError, ShardError) as exc:
         print(f"volseg run: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if args.jobs < 1 or args.threads < 0:
-        print("volseg run: error: --jobs must be >= 1 and --threads >= 0", file=sys.stderr)
+    if args.jobs < 1 or args.threads < 0 or args.batch_size < 1:
+        print("volseg run: error: --jobs and --batch-size must be >= 1 and --threads >= 0", file=sys.stderr)
         return EXIT_USAGE
     inputs = list(args.inputs)
     if not inputs:
@@ -33,7 +33,8 @@ def cmd_run(args) -> int:
         return _list(inputs, args, shard)
     opts = RunOptions(stages=stages, config=str(args.config) if args.config else None,
                       device=args.device, threads=args.threads, tta=args.tta, border_mm=args.border,
-                      strip_model=str(args.model) if args.model else None, figures=not args.no_report)
+                      strip_model=str(args.model) if args.model else None, figures=not args.no_report,
+                      batch_size=args.batch_size)
     try:
         res = run_cohort(inputs, args.output, opts=opts, participants=args.participant_label or (),
                          jobs=args.jobs, shard=shard, overwrite=args.overwrite,
@@ -100,6 +101,9 @@ def register(sub) -> None:
                    help="CPU threads for torch and N4 (default: the libraries' own)")
     p.add_argument("--jobs", type=int, default=1,
                    help="worker processes, each taking whole scans (default 1)")
+    p.add_argument("--batch-size", type=int, default=4, metavar="N",
+                   help="scans that go through each network together (default 4; each worker "
+                        "holds N scans in memory at once)")
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="process shard K of N (0 <= K < N); default from SLURM_ARRAY_TASK_ID/COUNT")
     p.add_argument("--overwrite", action="store_true", help="redo scans that are already complete")

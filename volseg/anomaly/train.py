@@ -130,13 +130,32 @@ def restoration_loss(pred, clean, corrupted, weight: float = 1.0):
 
 def reconstruct(net, image: np.ndarray, mask: np.ndarray, device, multiple: int = 16) -> np.ndarray:
     """The network's reconstruction of a whole working-grid brain (on its bounding box)."""
-    box = brain_bbox(mask, margin=4, multiple=multiple, shape=image.shape)
-    x = torch.from_numpy(np.ascontiguousarray(image[box]))[None, None].to(device)
-    with torch.inference_mode():
-        y = net(x.float())[0, 0].float().cpu().numpy()
-    recon = np.zeros_like(image, dtype=np.float32)
-    recon[box] = y
-    return recon
+    return reconstruct_batch(net, [image], [mask], device, multiple)[0]
+
+
+def reconstruct_batch(net, images, masks, device, multiple: int = 16, batch_size: int | None = None) -> list:
+    """:func:`reconstruct` for several brains. Each brain is cut to its own bounding box (margin
+    4, a multiple of ``multiple``); brains whose boxes have the same shape go through the network
+    together, ``batch_size`` at a time (default: all of a shape at once). The autoencoder
+    normalises each sample on its own (instance norm), so a result does not depend on its batch."""
+    boxes = [brain_bbox(m, margin=4, multiple=multiple, shape=img.shape) for img, m in zip(images, masks)]
+    groups: dict[tuple, list[int]] = {}
+    for i, box in enumerate(boxes):
+        groups.setdefault(tuple(sl.stop - sl.start for sl in box), []).append(i)
+    out: list = [None] * len(images)
+    for idx in groups.values():
+        step = max(1, batch_size or len(idx))
+        for start in range(0, len(idx), step):
+            part = idx[start:start + step]
+            x = torch.stack([torch.from_numpy(np.ascontiguousarray(images[i][boxes[i]], dtype=np.float32))[None]
+                             for i in part]).to(device)
+            with torch.inference_mode():
+                y = net(x).float().cpu().numpy()
+            for k, i in enumerate(part):
+                recon = np.zeros(images[i].shape, dtype=np.float32)
+                recon[boxes[i]] = y[k, 0]
+                out[i] = recon
+    return out
 
 
 def _auprc(score: np.ndarray, truth: np.ndarray) -> float:
@@ -263,4 +282,4 @@ def _train(cfg: AEConfig, ctx, resume, max_steps, progress, stop_after, t_start)
     return summary
 
 
-__all__ = ["train", "validate", "PatchDataset", "reconstruct", "restoration_loss", "patch_augmentation"]
+__all__ = ["train", "validate", "PatchDataset", "reconstruct", "reconstruct_batch", "restoration_loss", "patch_augmentation"]

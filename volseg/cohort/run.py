@@ -51,6 +51,7 @@ class RunOptions:
     border_mm: float | None = None
     strip_model: str | None = None
     figures: bool = True
+    batch_size: int = 4  # scans per network pass
 
 
 def write_dataset_description(out: Path, sources: list[str]) -> Path:
@@ -98,17 +99,37 @@ def _context(opts: RunOptions):
     cfg = load_strip_config(opts.config)
     return build_context(opts.stages, cfg, device=pick_device(opts.device), tta=opts.tta,
                          border_mm=opts.border_mm, figures=opts.figures,
-                         strip_model=opts.strip_model)
+                         strip_model=opts.strip_model, batch_size=opts.batch_size)
 
 
 def process_scan(out: Path, scan, ctx) -> dict:
     """Compute and export one scan; on failure remove its outputs and record the error."""
-    from volseg.cohort.export import base_record, export_scan, remove_outputs, start_scan, write_record
-    from volseg.cohort.stages import ScanFailure, compute_scan
+    return process_batch(out, [scan], ctx)[0]
 
-    start_scan(out, scan)
+
+def process_batch(out: Path, scans, ctx) -> list[dict]:
+    """Compute several scans together (networks batched), then export each; a failing scan is
+    recorded with its error and its outputs removed, the others are exported."""
+    from volseg.cohort.export import start_scan
+    from volseg.cohort.stages import compute_batch
+
+    for scan in scans:
+        start_scan(out, scan)
+    results = compute_batch([s.path for s in scans], ctx)
+    records = []
+    for k, scan in enumerate(scans):
+        res, results[k] = results[k], None  # let each scan's arrays go once it is written
+        records.append(_export_one(out, scan, res, ctx))
+    return records
+
+
+def _export_one(out: Path, scan, res, ctx) -> dict:
+    from volseg.cohort.export import base_record, export_scan, remove_outputs, write_record
+    from volseg.cohort.stages import ScanFailure
+
     try:
-        res = compute_scan(scan.path, ctx)
+        if isinstance(res, ScanFailure):
+            raise res
         try:
             record = export_scan(out, scan, res, ctx)
         except Exception as exc:
@@ -150,8 +171,8 @@ def _init_worker(opts: RunOptions, threads: int, log_file: str | None) -> None:
     _WORKER["ctx"] = _context(opts)
 
 
-def _worker_task(out: str, scan) -> dict:
-    return process_scan(Path(out), scan, _WORKER["ctx"])
+def _worker_task(out: str, scans) -> list[dict]:
+    return process_batch(Path(out), scans, _WORKER["ctx"])
 
 
 def _add_file_handler(path: Path) -> logging.Handler:
@@ -260,11 +281,21 @@ def run_cohort(inputs, out, *, opts: RunOptions = RunOptions(), participants=(),
             _RESTORE.pop().setLevel(logging.NOTSET)
 
 
+def chunks(todo: list, batch_size: int, jobs: int = 1) -> list[list]:
+    """``todo`` in consecutive groups of at most ``batch_size`` scans, made smaller when needed
+    so that every one of ``jobs`` workers gets a group."""
+    if not todo:
+        return []
+    size = max(1, min(int(batch_size), len(todo) // max(1, jobs)))
+    return [todo[i:i + size] for i in range(0, len(todo), size)]
+
+
 def _execute(out: Path, todo: list, ctx, opts: RunOptions, jobs: int, log_file: Path):
-    """Process ``todo`` in this process (``jobs <= 1``) or in ``jobs`` spawned workers."""
+    """Process ``todo`` in this process (``jobs <= 1``) or in ``jobs`` spawned workers, a batch
+    of scans at a time (``opts.batch_size``); yields one record per scan."""
     if jobs <= 1 or len(todo) <= 1:
-        for scan in todo:
-            yield process_scan(out, scan, ctx)
+        for group in chunks(todo, opts.batch_size):
+            yield from process_batch(out, group, ctx)
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -275,18 +306,18 @@ def _execute(out: Path, todo: list, ctx, opts: RunOptions, jobs: int, log_file: 
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                              initializer=_init_worker,
                              initargs=(opts, threads, str(log_file))) as pool:
-        futures = {pool.submit(_worker_task, str(out), s): s for s in todo}
+        futures = {pool.submit(_worker_task, str(out), group): group for group in chunks(todo, opts.batch_size, jobs)}
         for fut in as_completed(futures):
-            scan = futures[fut]
             try:
-                yield fut.result()
+                yield from fut.result()
             except Exception as exc:  # a worker died (e.g. killed for memory)
                 from volseg.cohort.export import base_record, remove_outputs, write_record
 
-                msg = f"{scan.path}: worker process failed ({type(exc).__name__}: {exc})"
-                log.error("%s", msg)
-                remove_outputs(out, scan)
-                rec = base_record(scan, "failed")
-                rec.update(stage="worker", error=msg)
-                write_record(out, scan, rec)
-                yield rec
+                for scan in futures[fut]:
+                    msg = f"{scan.path}: worker process failed ({type(exc).__name__}: {exc})"
+                    log.error("%s", msg)
+                    remove_outputs(out, scan)
+                    rec = base_record(scan, "failed")
+                    rec.update(stage="worker", error=msg)
+                    write_record(out, scan, rec)
+                    yield rec

@@ -71,7 +71,10 @@ class Context:
     figures: bool = True
     strip_net: object = None
     anomaly_model: object = None
+    # a per-scan function standing in for the anomaly model, fn(native, mask, meta, model, cfg=None,
+    # n4=False) (tests); None: the model's own batched path
     anomaly_fn: object = None
+    batch_size: int = 4  # scans per network pass (strip net and autoencoder)
     models: dict = field(default_factory=dict)  # name -> {"sha256": ..., ...} for sidecars
 
     @property
@@ -100,10 +103,11 @@ class Context:
 
 
 def build_context(stages, cfg, device="cpu", tta=False, border_mm=None, figures=True,
-                  strip_model=None) -> Context:
+                  strip_model=None, batch_size: int = 4) -> Context:
     """Load the models the stages need. ``stages=None``: all stages that are available."""
     want = tuple(stages) if stages is not None else ALL_STAGES
-    ctx = Context(stages=want, cfg=cfg, device=device, tta=tta, border_mm=border_mm, figures=figures)
+    ctx = Context(stages=want, cfg=cfg, device=device, tta=tta, border_mm=border_mm, figures=figures,
+                  batch_size=max(1, int(batch_size)))
     if "anomaly" in want:
         _, fn, model = anomaly_available(device)
         if fn is None:
@@ -112,7 +116,7 @@ def build_context(stages, cfg, device="cpu", tta=False, border_mm=None, figures=
             log.warning("anomaly stage left out: %s", model)
             ctx.stages = tuple(s for s in want if s != "anomaly")
         else:
-            ctx.anomaly_fn, ctx.anomaly_model = fn, model
+            ctx.anomaly_model = model
             info = getattr(model, "info", None) or getattr(model, "volseg_info", None) or {}
             ctx.models["anomaly"] = {"sha256": info.get("sha256") if isinstance(info, dict) else None}
     if "strip" in ctx.stages:
@@ -145,37 +149,136 @@ class ScanFailure(VolsegError):
 
 def compute_scan(path: str, ctx: Context) -> ScanResult:
     """Run the stages on one input file; raise :class:`ScanFailure` naming the stage and file."""
+    res = compute_batch([path], ctx)[0]
+    if isinstance(res, ScanFailure):
+        raise res
+    return res
+
+
+def compute_batch(paths, ctx: Context) -> list:
+    """Run the stages on several input files, the networks on all of them at once.
+
+    Loading, N4, the inverse to the native grid and the mask clean-up run scan by scan; the
+    strip network and the autoencoder each take the scans that are still going as one batch
+    (``ctx.batch_size`` at a time). Returns, in order, a :class:`ScanResult` or the
+    :class:`ScanFailure` of each path: a failing scan drops out and the others go on. A
+    batched network's time is shared equally among its scans in their timings.
+    """
+    out: list = [_guarded(p, "load", _load_prepare, p, ctx) for p in paths]
+
+    def live():
+        return [i for i, r in enumerate(out) if isinstance(r, ScanResult)]
+
+    if "strip" in ctx.stages and live():
+        from volseg.strip.infer import predict_grid_batch
+
+        idx = live()
+        t0 = time.perf_counter()
+        try:
+            probs = predict_grid_batch(ctx.strip_net, [out[i].prep.grid_image for i in idx], ctx.device,
+                                       tta=ctx.tta, batch_size=ctx.batch_size)
+        except Exception as exc:  # the whole pass failed (e.g. out of memory): each scan says so
+            probs = [exc] * len(idx)
+        share = (time.perf_counter() - t0) / len(idx)
+        for i, prob in zip(idx, probs):
+            out[i] = _guarded(paths[i], "strip", _finish_strip, out[i], prob, share, ctx)
+    if "anomaly" in ctx.stages and live():
+        idx = live()
+        if ctx.anomaly_fn is not None:
+            for i in idx:
+                out[i] = _guarded(paths[i], "anomaly", _anomaly_one, out[i], ctx)
+        else:
+            from volseg.anomaly.infer import anomaly_prepare
+
+            preps = {}
+            for i in idx:
+                t0 = time.perf_counter()
+                preps[i] = _guarded(paths[i], "anomaly", anomaly_prepare, out[i].prep.native, out[i].mask,
+                                    out[i].meta, ctx.anomaly_model, None, False)
+                if isinstance(preps[i], ScanFailure):
+                    out[i] = preps.pop(i)
+                else:
+                    out[i].timings["anomaly_s"] = time.perf_counter() - t0
+            if preps:
+                _anomaly_batch(paths, out, preps, ctx)
+    return out
+
+
+def _guarded(path, stage: str, fn, *args):
+    """``fn(*args)``, or the :class:`ScanFailure` naming ``path`` and ``stage`` if it raises."""
+    try:
+        return fn(*args)
+    except ScanFailure as fail:
+        return fail
+    except VolsegError as exc:
+        return ScanFailure(stage, str(exc))
+    except MemoryError:
+        return ScanFailure(stage, f"{path}: out of memory in the {stage} stage")
+    except Exception as exc:  # a bug or an unforeseen input: keep the cohort going
+        log.error("%s: unexpected error in the %s stage", path, stage, exc_info=exc)
+        return ScanFailure(stage, f"{path}: unexpected {type(exc).__name__} in the {stage} stage: {exc}")
+
+
+def _load_prepare(path, ctx: Context) -> ScanResult:
     from volseg.io import load_image
     from volseg.preprocess import prepare
 
-    stage = "load"
+    t0 = time.perf_counter()
+    data, meta = load_image(path, nonfinite=ctx.cfg.preprocess.io.nonfinite)
+    timings = {"load_s": time.perf_counter() - t0}
+    prep = _guarded(path, "n4", prepare, data, meta, ctx.preprocess_cfg)  # loading worked: name N4
+    if isinstance(prep, ScanFailure):
+        raise prep
+    timings["n4_s"] = prep.timings["n4_s"] + prep.timings["grid_s"]
+    return ScanResult(data=data, meta=meta, prep=prep, timings=timings)
+
+
+def _finish_strip(res: ScanResult, prob, net_s: float, ctx: Context) -> ScanResult:
+    from volseg.strip.infer import clean_mask, to_native
+
+    if isinstance(prob, BaseException):
+        raise prob
+    t0 = time.perf_counter()
+    native = to_native(prob, res.prep)
+    border = ctx.cfg.infer.border_mm if ctx.border_mm is None else ctx.border_mm
+    res.mask = clean_mask(native, res.prep.meta.zooms, ctx.cfg.infer.threshold, border)
+    res.timings["strip_s"] = net_s + time.perf_counter() - t0
+    if not res.mask.any():
+        raise InputError(res.meta.path, "no brain found (the predicted mask is empty); is this a head T1?")
+    return res
+
+
+def _anomaly_one(res: ScanResult, ctx: Context) -> ScanResult:
+    t0 = time.perf_counter()
+    res.anomaly = ctx.anomaly_fn(res.prep.native, res.mask, res.meta, ctx.anomaly_model, cfg=None, n4=False)
+    res.timings["anomaly_s"] = time.perf_counter() - t0
+    return res
+
+
+def _anomaly_batch(paths, out: list, preps: dict, ctx: Context) -> None:
+    from volseg.anomaly.infer import anomaly_finish
+    from volseg.anomaly.train import reconstruct_batch
+
+    idx = list(preps)
+    model = ctx.anomaly_model
+    t0 = time.perf_counter()
     try:
-        t0 = time.perf_counter()
-        data, meta = load_image(path, nonfinite=ctx.cfg.preprocess.io.nonfinite)
-        timings = {"load_s": time.perf_counter() - t0}
-        stage = "n4"
-        prep = prepare(data, meta, ctx.preprocess_cfg)
-        timings["n4_s"] = prep.timings["n4_s"] + prep.timings["grid_s"]
-        res = ScanResult(data=data, meta=meta, prep=prep, timings=timings)
-        if "strip" in ctx.stages:
-            stage = "strip"
-            res.mask = strip_prepared(prep, ctx.strip_net, ctx.cfg, ctx.device, ctx.tta, ctx.border_mm)
-            timings["strip_s"] = time.perf_counter() - t0 - sum(timings.values())
-            if not res.mask.any():
-                raise InputError(path, "no brain found (the predicted mask is empty); is this a head T1?")
-        if "anomaly" in ctx.stages:
-            stage = "anomaly"
-            t1 = time.perf_counter()
-            res.anomaly = ctx.anomaly_fn(prep.native, res.mask, meta, ctx.anomaly_model, cfg=None, n4=False)
-            timings["anomaly_s"] = time.perf_counter() - t1
-        return res
-    except VolsegError as exc:
-        raise ScanFailure(stage, str(exc)) from exc
-    except MemoryError:
-        raise ScanFailure(stage, f"{path}: out of memory in the {stage} stage") from None
-    except Exception as exc:  # a bug or an unforeseen input: keep the cohort going
-        log.exception("%s: unexpected error in the %s stage", path, stage)
-        raise ScanFailure(stage, f"{path}: unexpected {type(exc).__name__} in the {stage} stage: {exc}") from exc
+        recons = reconstruct_batch(model.net, [preps[i].grid_image[0].numpy() for i in idx],
+                                   [preps[i].grid_mask for i in idx], model.device, batch_size=ctx.batch_size)
+    except Exception as exc:  # the whole pass failed: each scan says so
+        recons = [exc] * len(idx)
+    share = (time.perf_counter() - t0) / len(idx)
+
+    def finish(i, recon):
+        if isinstance(recon, BaseException):
+            raise recon
+        t1 = time.perf_counter()
+        out[i].anomaly = anomaly_finish(preps[i], recon, model, recon_s=share, batch=len(idx))
+        out[i].timings["anomaly_s"] += share + time.perf_counter() - t1
+        return out[i]
+
+    for i, recon in zip(idx, recons):
+        out[i] = _guarded(paths[i], "anomaly", finish, i, recon)
 
 
 def strip_prepared(prep, net, cfg, device="cpu", tta: bool = False,

@@ -25,15 +25,31 @@ BRAIN_SUFFIX = "_desc-brain_T1w"
 
 def predict_grid(net, grid_image, device, tta: bool = False):
     """Brain probability on the working grid (a MetaTensor carrying the image's trace)."""
+    return predict_grid_batch(net, [grid_image], device, tta=tta)[0]
+
+
+def predict_grid_batch(net, grid_images, device, tta: bool = False, batch_size: int | None = None):
+    """:func:`predict_grid` for several scans, run through the network ``batch_size`` at a time
+    (default: all at once). Every working grid has the same shape, and the network normalises
+    each sample on its own (instance norm), so a scan's result does not depend on its batch."""
     import torch
 
-    x = grid_image.as_tensor()[None].to(device) if hasattr(grid_image, "as_tensor") else grid_image[None].to(device)
-    with torch.inference_mode():
-        prob = torch.sigmoid(net(x.float()))
-        if tta:  # left-right flip: the working grid is RAS, so axis 2 of (B, C, X, Y, Z)
-            prob = (prob + torch.sigmoid(net(x.float().flip(2))).flip(2)) / 2
-    out = grid_image.clone()
-    out[0] = prob[0, 0].cpu()
+    grid_images = list(grid_images)
+    step = max(1, batch_size or len(grid_images) or 1)
+    out = []
+    for start in range(0, len(grid_images), step):
+        chunk = grid_images[start:start + step]
+        x = torch.stack([g.as_tensor() if hasattr(g, "as_tensor") else torch.as_tensor(g)
+                         for g in chunk]).to(device).float()
+        with torch.inference_mode():
+            prob = torch.sigmoid(net(x))
+            if tta:  # left-right flip: the working grid is RAS, so axis 2 of (B, C, X, Y, Z)
+                prob = (prob + torch.sigmoid(net(x.flip(2))).flip(2)) / 2
+            prob = prob.float().cpu()
+        for g, p in zip(chunk, prob):
+            o = g.clone()
+            o[0] = p[0]
+            out.append(o)
     return out
 
 
@@ -111,4 +127,4 @@ def strip_file(path: str, out_dir, net, cfg: StripConfig, device="cpu", tta: boo
     return {"mask": mask_path, "brain": brain_path, "timings": timings}
 
 
-__all__ = ["strip_file", "strip_volume", "clean_mask", "to_native", "predict_grid"]
+__all__ = ["strip_file", "strip_volume", "clean_mask", "to_native", "predict_grid", "predict_grid_batch"]
