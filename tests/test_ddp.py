@@ -21,7 +21,7 @@ from volseg.strip.config import AugmentConfig, DataConfig, NetConfig, StripConfi
 
 TINY_NET = NetConfig(channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
 NO_AUG = AugmentConfig(prob=0, flip_lr=0, bias=0, gamma=0, contrast=0, blur=0, noise=0,
-                       salt_pepper=0, thick_slices=0)
+                       salt_pepper=0, thick_slices=0, histogram=0, lesion=0)
 
 # Runs in every rank: records which samples the rank's loader drew and the rank's final weights
 # (build_unet is wrapped to keep a handle on the network train() builds), then calls the CLI.

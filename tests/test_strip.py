@@ -16,7 +16,7 @@ from volseg.strip.model import PACKAGE_MODELS, WeightsError, load_model, write_m
 
 TINY_NET = NetConfig(channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
 NO_AUG = AugmentConfig(prob=0, flip_lr=0, bias=0, gamma=0, contrast=0, blur=0, noise=0,
-                       salt_pepper=0, thick_slices=0)
+                       salt_pepper=0, thick_slices=0, histogram=0, lesion=0)
 
 
 def _dice(a, b):
@@ -167,3 +167,32 @@ def test_find_pairs_from_folder_csv_and_file(tmp_path, tiny_head):
     bad.write_text("img,msk\na,b\n")
     with pytest.raises(ValueError, match="columns 'image' and 'mask'"):
         find_pairs(bad)
+
+
+def test_lesion_augmentation_paints_inside_the_brain_only():
+    import torch
+
+    from volseg.strip.augment import RandBrainLesiond, train_augmentation
+
+    shape = (48, 64, 56)
+    zz = np.indices(shape)
+    brain = sum(((zz[i] - c) / r) ** 2 for i, (c, r) in enumerate(zip((24, 32, 28), (16, 22, 18)))) <= 1
+    head = sum(((zz[i] - c) / r) ** 2 for i, (c, r) in enumerate(zip((24, 32, 28), (21, 28, 24)))) <= 1
+    img = np.where(brain, 0.6, np.where(head, 0.9, 0.0)).astype(np.float32)
+    sample = {"image": torch.from_numpy(img[None].copy()), "label": torch.from_numpy(brain[None].astype(np.float32))}
+    t = RandBrainLesiond("image", prob=1.0)
+    changed = np.zeros(shape, bool)
+    for seed in range(4):
+        t.set_random_state(seed)
+        out = t(dict(sample))
+        assert torch.equal(out["label"], sample["label"]), "the label must not change"
+        diff = np.abs(out["image"][0].numpy() - img) > 1e-3
+        assert not diff[~brain].any(), "a lesion leaked outside the brain"
+        changed |= diff
+    assert changed[brain].mean() > 0.01  # lesions of 4-30 mm were painted
+    # the whole chain with every augmentation on keeps a binary label of the same size
+    cfg = dataclasses.replace(AugmentConfig(), prob=1, flip_lr=1, bias=1, gamma=1, contrast=1, blur=1,
+                              noise=1, salt_pepper=1, thick_slices=1, histogram=1, lesion=1)
+    out = train_augmentation(cfg)(dict(sample))
+    assert out["image"].shape == sample["image"].shape and out["label"].shape == sample["label"].shape
+    assert not torch.allclose(torch.as_tensor(out["image"]), sample["image"])

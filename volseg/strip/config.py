@@ -41,6 +41,8 @@ class AugmentConfig:
     noise: float = 0.3
     salt_pepper: float = 0.1
     thick_slices: float = 0.3
+    histogram: float = 0.3  # chance of a random non-linear intensity curve (RandHistogramShiftd)
+    lesion: float = 0.3  # chance of painting tumour-like lesions inside the brain
 
 
 @dataclass(frozen=True)
