@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_cohort import FAST_YAML, write_head
+from test_cohort import FAST_YAML, STAGES, _masks, _rows, bids_root, fast_cfg, reference, write_head  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +100,16 @@ def test_chunks_cover_the_cohort_and_feed_every_worker():
 def test_bad_batch_size_is_a_usage_error(run_cli, tmp_path):
     res = run_cli("run", tmp_path, "-o", tmp_path / "o", "--batch-size", "0")
     assert res.returncode == 2 and "--batch-size" in res.stderr
+
+
+def test_cli_batched_run_gives_the_masks_of_an_unbatched_run(run_cli, bids_root, fast_cfg, reference, tmp_path):
+    """``--batch-size 3`` over the 4-scan BIDS cohort (a batch of 3 and one of 1, one worker)
+    against the default run (one scan per pass on the CPU)."""
+    out = tmp_path / "batched"
+    res = run_cli("run", bids_root, "-o", out, "--stages", STAGES, "-c", fast_cfg, "--batch-size", "3")
+    assert res.returncode == 0, res.stderr
+    assert all(r["status"] == "ok" for r in _rows(out / "volseg_summary.tsv"))
+    ref, got = _masks(reference), _masks(out)
+    assert len(ref) == 4 and ref.keys() == got.keys()
+    for k in ref:
+        assert (ref[k] != got[k]).sum() <= 0.001 * ref[k].size, k

@@ -19,7 +19,7 @@ def cmd_run(args) -> int:
     except (StageError, ShardError) as exc:
         print(f"volseg run: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if args.jobs < 1 or args.threads < 0 or args.batch_size < 1:
+    if args.jobs < 1 or args.threads < 0 or (args.batch_size is not None and args.batch_size < 1):
         print("volseg run: error: --jobs and --batch-size must be >= 1 and --threads >= 0", file=sys.stderr)
         return EXIT_USAGE
     inputs = list(args.inputs)
@@ -101,9 +101,9 @@ def register(sub) -> None:
                    help="CPU threads for torch and N4 (default: the libraries' own)")
     p.add_argument("--jobs", type=int, default=1,
                    help="worker processes, each taking whole scans (default 1)")
-    p.add_argument("--batch-size", type=int, default=4, metavar="N",
-                   help="scans that go through each network together (default 4; each worker "
-                        "holds N scans in memory at once)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="scans that go through each network together (default: 4 on a GPU, 1 on "
+                        "the CPU, where batching gains nothing; each worker holds N scans in memory)")
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="process shard K of N (0 <= K < N); default from SLURM_ARRAY_TASK_ID/COUNT")
     p.add_argument("--overwrite", action="store_true", help="redo scans that are already complete")

@@ -51,7 +51,7 @@ class RunOptions:
     border_mm: float | None = None
     strip_model: str | None = None
     figures: bool = True
-    batch_size: int = 4  # scans per network pass
+    batch_size: int | None = None  # scans per network pass; None: 4 on a GPU, 1 on the CPU
 
 
 def write_dataset_description(out: Path, sources: list[str]) -> Path:
@@ -292,9 +292,9 @@ def chunks(todo: list, batch_size: int, jobs: int = 1) -> list[list]:
 
 def _execute(out: Path, todo: list, ctx, opts: RunOptions, jobs: int, log_file: Path):
     """Process ``todo`` in this process (``jobs <= 1``) or in ``jobs`` spawned workers, a batch
-    of scans at a time (``opts.batch_size``); yields one record per scan."""
+    of scans at a time (``ctx.batch_size``); yields one record per scan."""
     if jobs <= 1 or len(todo) <= 1:
-        for group in chunks(todo, opts.batch_size):
+        for group in chunks(todo, ctx.batch_size):
             yield from process_batch(out, group, ctx)
         return
     import multiprocessing as mp
@@ -306,7 +306,7 @@ def _execute(out: Path, todo: list, ctx, opts: RunOptions, jobs: int, log_file: 
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                              initializer=_init_worker,
                              initargs=(opts, threads, str(log_file))) as pool:
-        futures = {pool.submit(_worker_task, str(out), group): group for group in chunks(todo, opts.batch_size, jobs)}
+        futures = {pool.submit(_worker_task, str(out), group): group for group in chunks(todo, ctx.batch_size, jobs)}
         for fut in as_completed(futures):
             try:
                 yield from fut.result()
