@@ -102,33 +102,23 @@ def anomaly_volume(data: np.ndarray, brain_mask: np.ndarray, meta: ImageMeta, mo
                    cfg: AEConfig | None = None, n4: bool | None = None,
                    voxel_threshold: float | None = None) -> AnomalyResult:
     """Anomaly map, mask, reconstruction and scan score of one brain, on its native grid."""
+    from volseg.anomaly.train import reconstruct
+
     prep = anomaly_prepare(data, brain_mask, meta, model, cfg, n4)
-    return anomaly_finish_batch([prep], model, cfg, voxel_threshold)[0]
+    t1 = time.perf_counter()
+    recon = reconstruct(model.net, prep.grid_image[0].numpy(), prep.grid_mask, model.device)
+    return anomaly_finish(prep, recon, model, cfg, voxel_threshold, recon_s=time.perf_counter() - t1)
 
 
 def anomaly_prepare(data: np.ndarray, brain_mask: np.ndarray, meta: ImageMeta, model: AnomalyModel,
                     cfg: AEConfig | None = None, n4: bool | None = None):
     """The brain on the working grid in white-matter units (optional N4 inside the mask): the
-    first, per-scan half of :func:`anomaly_volume`."""
+    first, per-scan half of :func:`anomaly_volume` (``volseg run`` batches the network between
+    this and :func:`anomaly_finish`)."""
     t0 = time.perf_counter()
     prep = prepare_brain(data, brain_mask, meta, cfg or model.cfg, n4=n4)
     prep.timings["prepare_s"] = round(time.perf_counter() - t0, 3)
     return prep
-
-
-def anomaly_finish_batch(preps: list, model: AnomalyModel, cfg: AEConfig | None = None,
-                         voxel_threshold: float | None = None, batch_size: int | None = None) -> list:
-    """The second half of :func:`anomaly_volume` for brains prepared by :func:`anomaly_prepare`:
-    one batched pass of the autoencoder over all of them (brains with equal crop shapes share a
-    batch), then each map, mask and score. Results are the same as one brain at a time."""
-    from volseg.anomaly.train import reconstruct_batch
-
-    t1 = time.perf_counter()
-    recons = reconstruct_batch(model.net, [p.grid_image[0].numpy() for p in preps],
-                               [p.grid_mask for p in preps], model.device, batch_size=batch_size)
-    per_scan = (time.perf_counter() - t1) / max(1, len(preps))
-    return [anomaly_finish(p, r, model, cfg, voxel_threshold, per_scan, len(preps))
-            for p, r in zip(preps, recons)]
 
 
 def anomaly_finish(prep, recon: np.ndarray, model: AnomalyModel, cfg: AEConfig | None = None,
@@ -235,5 +225,5 @@ def anomaly_file(path, out_dir, model: AnomalyModel, mask_path=None, strip=None)
 
 
 __all__ = ["AnomalyModel", "AnomalyResult", "load_anomaly_model", "anomaly_volume", "anomaly_prepare",
-           "anomaly_finish", "anomaly_finish_batch", "anomaly_file",
+           "anomaly_finish", "anomaly_file",
            "write_anomaly", "load_brain_input", "MAP_SUFFIX", "MASK_SUFFIX", "RECON_SUFFIX"]

@@ -240,14 +240,10 @@ def _load_prepare(path, ctx: Context) -> ScanResult:
 
 
 def _finish_strip(res: ScanResult, prob, net_s: float, ctx: Context) -> ScanResult:
-    from volseg.strip.infer import clean_mask, to_native
-
     if isinstance(prob, BaseException):
         raise prob
     t0 = time.perf_counter()
-    native = to_native(prob, res.prep)
-    border = ctx.cfg.infer.border_mm if ctx.border_mm is None else ctx.border_mm
-    res.mask = clean_mask(native, res.prep.meta.zooms, ctx.cfg.infer.threshold, border)
+    res.mask = mask_from_grid(prob, res.prep, ctx.cfg, ctx.border_mm)
     res.timings["strip_s"] = net_s + time.perf_counter() - t0
     if not res.mask.any():
         raise InputError(res.meta.path, "no brain found (the predicted mask is empty); is this a head T1?")
@@ -293,12 +289,18 @@ def strip_prepared(prep, net, cfg, device="cpu", tta: bool = False,
 
     ``cfg`` is a :class:`~volseg.strip.config.StripConfig` (threshold and border).
     """
-    from volseg.strip.infer import clean_mask, predict_grid, to_native
+    from volseg.strip.infer import predict_grid
 
-    prob = predict_grid(net, prep.grid_image, device, tta=tta)
-    native = to_native(prob, prep)
+    return mask_from_grid(predict_grid(net, prep.grid_image, device, tta=tta), prep, cfg, border_mm)
+
+
+def mask_from_grid(prob, prep, cfg, border_mm: float | None = None) -> np.ndarray:
+    """The native-grid brain mask from the network's working-grid probability: inverse,
+    threshold, largest component, filled holes, border (``border_mm`` or the config's)."""
+    from volseg.strip.infer import clean_mask, to_native
+
     border = cfg.infer.border_mm if border_mm is None else border_mm
-    return clean_mask(native, prep.meta.zooms, cfg.infer.threshold, border)
+    return clean_mask(to_native(prob, prep), prep.meta.zooms, cfg.infer.threshold, border)
 
 
 # Plausible whole-brain mask volumes (mL) for a T1 head of an adult or child.
