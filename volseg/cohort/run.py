@@ -102,11 +102,6 @@ def _context(opts: RunOptions):
                          strip_model=opts.strip_model, batch_size=opts.batch_size)
 
 
-def process_scan(out: Path, scan, ctx) -> dict:
-    """Compute and export one scan; on failure remove its outputs and record the error."""
-    return process_batch(out, [scan], ctx)[0]
-
-
 def process_batch(out: Path, scans, ctx) -> list[dict]:
     """Compute several scans together (networks batched), then export each; a failing scan is
     recorded with its error and its outputs removed, the others are exported."""

@@ -240,6 +240,8 @@ def _load_prepare(path, ctx: Context) -> ScanResult:
 
 
 def _finish_strip(res: ScanResult, prob, net_s: float, ctx: Context) -> ScanResult:
+    from volseg.strip.infer import mask_from_grid
+
     if isinstance(prob, BaseException):
         raise prob
     t0 = time.perf_counter()
@@ -289,18 +291,9 @@ def strip_prepared(prep, net, cfg, device="cpu", tta: bool = False,
 
     ``cfg`` is a :class:`~volseg.strip.config.StripConfig` (threshold and border).
     """
-    from volseg.strip.infer import predict_grid
+    from volseg.strip.infer import mask_from_grid, predict_grid
 
     return mask_from_grid(predict_grid(net, prep.grid_image, device, tta=tta), prep, cfg, border_mm)
-
-
-def mask_from_grid(prob, prep, cfg, border_mm: float | None = None) -> np.ndarray:
-    """The native-grid brain mask from the network's working-grid probability: inverse,
-    threshold, largest component, filled holes, border (``border_mm`` or the config's)."""
-    from volseg.strip.infer import clean_mask, to_native
-
-    border = cfg.infer.border_mm if border_mm is None else border_mm
-    return clean_mask(to_native(prob, prep), prep.meta.zooms, cfg.infer.threshold, border)
 
 
 # Plausible whole-brain mask volumes (mL) for a T1 head of an adult or child.

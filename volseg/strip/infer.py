@@ -65,6 +65,13 @@ def to_native(prob_grid, prep: Prepared) -> np.ndarray:
     return native
 
 
+def mask_from_grid(prob_grid, prep: Prepared, cfg: StripConfig, border_mm: float | None = None) -> np.ndarray:
+    """The native-grid brain mask (uint8) from the network's working-grid probability: inverse,
+    threshold, largest component, filled holes, border (``border_mm``, else the config's)."""
+    border = cfg.infer.border_mm if border_mm is None else border_mm
+    return clean_mask(to_native(prob_grid, prep), prep.meta.zooms, cfg.infer.threshold, border)
+
+
 def clean_mask(prob: np.ndarray, zooms, threshold: float = 0.5, border_mm: float = 0.0) -> np.ndarray:
     """Threshold, keep the largest component, fill holes, then grow (>0) or shrink (<0) in mm."""
     mask = largest_component(prob > threshold)
@@ -88,9 +95,7 @@ def strip_volume(data, meta, net, cfg: StripConfig, device="cpu", tta: bool = Fa
     t1 = time.perf_counter()
     prob = predict_grid(net, prep.grid_image, device, tta=tta)
     t2 = time.perf_counter()
-    native_prob = to_native(prob, prep)
-    border = cfg.infer.border_mm if border_mm is None else border_mm
-    mask = clean_mask(native_prob, meta.zooms, cfg.infer.threshold, border)
+    mask = mask_from_grid(prob, prep, cfg, border_mm)
     t3 = time.perf_counter()
     timings = dict(prep.timings, predict_s=round(t2 - t1, 3), invert_clean_s=round(t3 - t2, 3),
                    total_s=round(t3 - t0, 3))
@@ -127,4 +132,5 @@ def strip_file(path: str, out_dir, net, cfg: StripConfig, device="cpu", tta: boo
     return {"mask": mask_path, "brain": brain_path, "timings": timings}
 
 
-__all__ = ["strip_file", "strip_volume", "clean_mask", "to_native", "predict_grid", "predict_grid_batch"]
+__all__ = ["strip_file", "strip_volume", "clean_mask", "to_native", "predict_grid", "predict_grid_batch",
+           "mask_from_grid"]
