@@ -87,14 +87,11 @@ def _rank0() -> bool:
 
 def cmd_train(args) -> int:
     if args.what == "ae":
-        from volseg.anomaly.config import load_ae_config
-        from volseg.anomaly.train import train as train_ae
-
-        summary = train_ae(load_ae_config(args.config), resume=args.resume, max_steps=args.steps)
-        if _rank0():
-            print(f"best validation AUPRC {summary['best_val_auprc']:.4f} after {summary['steps']} steps; "
-                  f"outputs in {summary['out_dir']}")
-        return EXIT_OK
+        return _train_ae(args)
+    if args.config is None:
+        raise SystemExit("volseg train strip: give -c CONFIG (e.g. configs/strip.yaml)")
+    if args.init or args.healthy:
+        raise SystemExit("volseg train strip: --init and --healthy are for 'volseg train ae'")
     from volseg.strip.config import load_strip_config
     from volseg.strip.train import train
 
@@ -103,6 +100,42 @@ def cmd_train(args) -> int:
     if _rank0():
         print(f"best validation Dice {summary['best_val_dice']:.4f} after {summary['steps']} steps; "
               f"outputs in {summary['out_dir']}")
+    return EXIT_OK
+
+
+def _train_ae(args) -> int:
+    from volseg.anomaly.config import load_ae_config
+    from volseg.anomaly.train import train as train_ae
+
+    if args.init is None:
+        if args.config is None:
+            raise SystemExit("volseg train ae: give -c CONFIG (e.g. configs/ae.yaml), or --init MODEL to fine-tune")
+        if args.healthy:
+            raise SystemExit("volseg train ae: --healthy controls are for fine-tuning; give --init MODEL too")
+        cfg = load_ae_config(args.config)
+    else:
+        from volseg.anomaly.adapt import control_brains, finetune_config
+        from volseg.strip.model import PACKAGE_MODELS
+
+        args.init = PACKAGE_MODELS / "ae" if args.init == "shipped" else Path(args.init)
+        if not args.healthy:
+            raise SystemExit("volseg train ae --init: give the site's healthy controls with --healthy")
+        if args.output is None:
+            raise SystemExit("volseg train ae --init: give -o DIR for the fine-tuned model")
+        brains = control_brains(args.healthy, args.output / "controls", tuple(args.participant_label or ()),
+                                heads=args.heads, strip_model=args.strip_model)
+        base = load_ae_config(args.config) if args.config else None
+        cfg = finetune_config(args.init, brains, args.output, steps=args.steps or 300, lr=args.lr or 1e-4,
+                              synth=args.synth, base=base)
+    summary = train_ae(cfg, resume=args.resume, max_steps=None if args.init else args.steps, init=args.init)
+    if _rank0():
+        if args.init:
+            print(f"fine-tuned {args.init} for {summary['steps']} steps on {len(cfg.data.healthy)} controls; "
+                  f"model in {summary['out_dir']}/final (calibrate it: volseg calibrate --model "
+                  f"{summary['out_dir']}/final CONTROLS -o DIR)")
+        else:
+            print(f"best validation AUPRC {summary['best_val_auprc']:.4f} after {summary['steps']} steps; "
+                  f"outputs in {summary['out_dir']}")
     return EXIT_OK
 
 
@@ -180,9 +213,25 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the skull-stripping network (strip) or the anomaly "
                                    "autoencoder (ae) from a YAML config.")
     p.add_argument("what", choices=["strip", "ae"], help="which model")
-    p.add_argument("-c", "--config", type=Path, required=True, help="YAML config, e.g. configs/strip.yaml")
+    p.add_argument("-c", "--config", type=Path, default=None,
+                   help="YAML config, e.g. configs/strip.yaml (with --init: default the init model's own)")
     p.add_argument("--resume", type=Path, default=None, metavar="CKPT", help="checkpoint (last.pt) to resume")
-    p.add_argument("--steps", type=int, default=None, help="override the number of training steps")
+    p.add_argument("--steps", type=int, default=None,
+                   help="override the number of training steps (fine-tuning: default 300)")
+    g = p.add_argument_group("fine-tuning the anomaly model on a site's healthy controls (ae only)")
+    g.add_argument("--init", default=None, metavar="MODEL",
+                   help="model folder to start from, or 'shipped' for volseg's own anomaly model")
+    g.add_argument("--healthy", nargs="+", default=None, metavar="INPUT",
+                   help="healthy controls: brain-only images (or heads with --heads), folders, list files or a "
+                        "BIDS dataset")
+    g.add_argument("--participant-label", nargs="+", default=None, metavar="LABEL",
+                   help="BIDS participants to use as controls")
+    g.add_argument("--heads", action="store_true", help="the controls are whole heads: skull-strip them first")
+    g.add_argument("--strip-model", type=Path, default=None, help="skull-strip model for --heads (default: shipped)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (fine-tuning: default 1e-4)")
+    g.add_argument("--synth", type=int, default=0, metavar="N",
+                   help="mix in N synthetic healthy brains (default 0: the controls only)")
+    g.add_argument("-o", "--output", type=Path, default=None, help="output folder of the fine-tuned model")
     p.set_defaults(func=cmd_train)
 
     from volseg import cli_anomaly, cli_cohort, cli_hpc

@@ -46,11 +46,21 @@ def cmd_anomaly(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from volseg.anomaly.evaluate import Case, calibrate, write_calibration
+    from volseg.anomaly.adapt import control_brains, write_model_folder
+    from volseg.anomaly.evaluate import Case, calibrate
     from volseg.io import scan_id
+    from volseg.strip.model import PACKAGE_MODELS
 
     model = _model(args, require_calibration=False)
-    cases = [Case(id=scan_id(p), image=p) for p in args.healthy]
+    dest = args.output
+    if dest is None:
+        if Path(model.model_dir).resolve().is_relative_to(PACKAGE_MODELS.resolve()):
+            raise SystemExit("volseg calibrate: give -o DIR, a folder for the calibrated model (its weights and "
+                             "calibration.json); volseg does not write into its installed package")
+        dest = Path(model.model_dir)
+    brains = control_brains(args.healthy, Path(dest) / "controls", tuple(args.participant_label or ()),
+                            heads=args.heads, strip_model=args.strip_model) if args.healthy else []
+    cases = [Case(id=scan_id(p), image=str(p)) for p in brains]
     if args.synth:
         from volseg.anomaly.data import synth_brain
         from volseg.synth.heads import cohort_seed
@@ -62,10 +72,10 @@ def cmd_calibrate(args) -> int:
     if not cases:
         raise SystemExit("volseg calibrate: give healthy brain images and/or --synth N")
     calib = calibrate(model, cases, fpr=args.fpr, percentile=args.percentile)
-    dest = write_calibration(calib, Path(args.output) if args.output else model.model_dir)
+    out = write_model_folder(model.model_dir, dest, calib)
     print(f"voxel threshold {calib['voxel_threshold']:.4f} (healthy FPR {calib['voxel_fpr']}), scan threshold "
           f"{calib['scan_threshold']:.4f} ({calib['scan_percentile']}th percentile of {len(cases)} healthy scans) "
-          f"-> {dest}")
+          f"-> model folder {out}")
     return 0
 
 
@@ -113,17 +123,24 @@ def register(sub) -> None:
 
     p = sub.add_parser("calibrate", help="set the anomaly thresholds on healthy brains",
                        description="Voxel threshold at a healthy false-positive rate, scan threshold at "
-                                   "the 95th percentile of healthy scan scores; written as "
-                                   "calibration.json beside the weights (or into -o).")
-    p.add_argument("healthy", nargs="*", metavar="BRAIN", help="healthy brain-only images (mask: non-zero "
-                                                                "voxels or a X_brainmask file beside)")
+                                   "the 95th percentile of healthy scan scores, from healthy controls only; "
+                                   "writes a complete model folder (weights + calibration.json) that "
+                                   "'volseg anomaly --model' and 'volseg run --anomaly-model' use.")
+    p.add_argument("healthy", nargs="*", metavar="INPUT",
+                   help="healthy controls never used to train the model: brain-only images (mask: non-zero voxels "
+                        "or a X_brainmask file beside), or heads with --heads; files, folders, list files or BIDS")
+    p.add_argument("--participant-label", nargs="+", default=None, metavar="LABEL",
+                   help="BIDS participants to use as controls")
+    p.add_argument("--heads", action="store_true", help="the controls are whole heads: skull-strip them first")
+    p.add_argument("--strip-model", type=Path, default=None, help="skull-strip model for --heads (default: shipped)")
     p.add_argument("--synth", type=int, default=0, metavar="N", help="add N synthetic healthy brains")
     p.add_argument("--synth-seed", type=int, default=9000, help="seed of the synthetic brains (default 9000)")
     p.add_argument("--fpr", type=float, default=None, help="healthy voxel false-positive rate (config: 0.001)")
     p.add_argument("--percentile", type=float, default=None, help="scan-score percentile (config: 95)")
     p.add_argument("--model", type=Path, default=None, help="anomaly model folder (default: shipped)")
-    p.add_argument("-o", "--output", type=Path, default=None, help="folder for calibration.json "
-                                                                  "(default: the model folder)")
+    p.add_argument("-o", "--output", type=Path, default=None,
+                   help="folder of the calibrated model: weights, model.json and calibration.json (default: the "
+                        "--model folder itself; required for the shipped model)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(func=cmd_calibrate)
 

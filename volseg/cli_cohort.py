@@ -33,7 +33,9 @@ def cmd_run(args) -> int:
         return _list(inputs, args, shard)
     opts = RunOptions(stages=stages, config=str(args.config) if args.config else None,
                       device=args.device, threads=args.threads, tta=args.tta, border_mm=args.border,
-                      strip_model=str(args.model) if args.model else None, figures=not args.no_report,
+                      strip_model=str(args.strip_model or args.model) if (args.strip_model or args.model) else None,
+                      anomaly_model=str(args.anomaly_model) if args.anomaly_model else None,
+                      figures=not args.no_report,
                       batch_size=args.batch_size)
     try:
         res = run_cohort(inputs, args.output, opts=opts, participants=args.participant_label or (),
@@ -110,7 +112,11 @@ def register(sub) -> None:
     p.add_argument("--tta", action="store_true", help="strip: average with a left-right flip")
     p.add_argument("--border", type=float, default=None, metavar="MM",
                    help="strip: grow (>0) or shrink (<0) the mask by MM millimetres")
-    p.add_argument("--model", type=Path, default=None, help="strip model folder (default: shipped)")
+    p.add_argument("--strip-model", type=Path, default=None, help="strip model folder (default: shipped)")
+    p.add_argument("--model", type=Path, default=None, help="same as --strip-model (kept for older scripts)")
+    p.add_argument("--anomaly-model", type=Path, default=None,
+                   help="anomaly model folder with its calibration, e.g. made by 'volseg calibrate -o' "
+                        "(default: shipped)")
     p.add_argument("--no-report", action="store_true", help="no QC pictures and no report.html")
     p.add_argument("--list", action="store_true",
                    help="only print the scans (of this shard) and their output prefixes")

@@ -30,7 +30,12 @@ def run_training(body, cfg, *args):
 
 
 def one_cycle(opt, lr: float, total: int):
-    """Adam's one-cycle schedule with a 5% warm-up (at least 2 steps, which OneCycleLR needs)."""
+    """Adam's one-cycle schedule with a 5% warm-up (at least 2 steps, which OneCycleLR needs);
+    a constant ``lr`` for runs under 4 steps, too short for a cycle."""
+    if total < 4:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total,
                                                pct_start=min(0.5, max(0.05, 2.0 / total)))
 

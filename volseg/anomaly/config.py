@@ -14,6 +14,7 @@ class AENetConfig:
     bottleneck: int = 64
     skips: bool = True
     skip_dropout: float = 0.0
+    residual: bool = False  # output = input + correction (residual learning)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class CorruptionConfig:
     bright: tuple[float, float] = (1.15, 2.0)
     coarse_noise: float = 0.3  # chance of coarse Gaussian noise (Kascenas et al.) instead of / with blobs
     coarse_noise_std: float = 0.15
+    noise_blob: float = 0.0  # chance that an anomaly is an organic thresholded-noise shape
+    foreign: float = 0.0  # chance that an anomaly's content is tissue moved from elsewhere
+    log_contrast: bool = False  # draw |factor - 1| log-uniformly (subtle as often as strong)
     weight: float = 1.0  # weight of the L1 over corrupted voxels beside the L1 over the whole patch
 
 

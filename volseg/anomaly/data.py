@@ -115,11 +115,12 @@ def cached_synth_brains(count: int, seed: int, cfg, cache_dir: Path) -> list[Pat
 
 
 def cached_validation(specs, cfg, cache_dir: Path, seed: int = 77) -> list[Path]:
-    """Validation brains with inserted lesions on the working grid (image, mask, lesion)."""
+    """Validation brains with inserted lesions on the working grid (image, mask, lesion): one
+    case per benchmark lesion family (:mod:`volseg.anomaly.families`) in each brain."""
     import torch
     from monai.data import MetaTensor
 
-    from volseg.anomaly.lesions import insert_lesions
+    from volseg.anomaly.families import FAMILIES, insert_family, tissue_sites
     from volseg.anomaly.prep import prepare_brain
 
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -127,16 +128,21 @@ def cached_validation(specs, cfg, cache_dir: Path, seed: int = 77) -> list[Path]
     for j, spec in enumerate(specs):
         p = Path(expand_path(spec))
         stamp = (p.stat().st_size, p.stat().st_mtime) if p.exists() else ()
-        dest = cache_dir / f"val-{p.name.split('.')[0]}-{_key(spec, stamp, seed, cfg.preprocess, cfg.maps.n4)}.npz"
-        if not dest.exists():
-            data, mask, meta = load_brain(spec)
-            img, truth, _ = insert_lesions(data, mask, meta.zooms, np.random.default_rng(seed + j))
-            prep = prepare_brain(img, mask, meta, cfg)
-            t = prep.grid(MetaTensor(torch.as_tensor(truth[None].astype(np.float32)),
-                                     affine=torch.as_tensor(meta.affine)),
-                          grid_affine=np.asarray(prep.grid_image.affine), mode="bilinear")[0].numpy() > 0.5
-            _save(dest, image=prep.grid_image[0].numpy(), mask=prep.grid_mask, lesion=t, source=str(spec))
-        out.append(dest)
+        sites = None
+        for k, family in enumerate(FAMILIES):
+            key = _key(spec, stamp, seed, "families", family, cfg.preprocess, cfg.maps.n4)
+            dest = cache_dir / f"val-{p.name.split('.')[0]}_{family}-{key}.npz"
+            if not dest.exists():
+                data, mask, meta = load_brain(spec)
+                sites = sites if sites is not None else tissue_sites(data, mask, meta.zooms)
+                rng = np.random.default_rng([seed, j, k])
+                img, truth, _ = insert_family(data, mask, meta.zooms, family, rng, sites=sites)
+                prep = prepare_brain(img, mask, meta, cfg)
+                t = prep.grid(MetaTensor(torch.as_tensor(truth[None].astype(np.float32)),
+                                         affine=torch.as_tensor(meta.affine)),
+                              grid_affine=np.asarray(prep.grid_image.affine), mode="bilinear")[0].numpy() > 0.5
+                _save(dest, image=prep.grid_image[0].numpy(), mask=prep.grid_mask, lesion=t, source=str(spec))
+            out.append(dest)
     return out
 
 

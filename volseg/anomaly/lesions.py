@@ -94,10 +94,33 @@ def insert_lesions(image: np.ndarray, brain_mask: np.ndarray, zooms, rng: np.ran
     return out, truth, params
 
 
+def _noise_blob_alpha(shape, centre, semi, rng) -> np.ndarray:
+    """An organic shape: smooth noise thresholded inside a ball, soft-edged (0..1)."""
+    grids = np.meshgrid(*[np.arange(s, dtype=np.float32) - c for s, c in zip(shape, centre)], indexing="ij")
+    rho = np.sqrt(sum((g / max(float(r), 0.5)) ** 2 for g, r in zip(grids, semi)))
+    field = _smooth_noise(rng, shape, max(1.0, float(np.mean(semi)) / 2.5))
+    level = 1.6 * (1.0 - rho) + 0.6 * field  # > 0: inside
+    return np.clip(level * 2.0 + 0.5, 0.0, 1.0)
+
+
+def _contrast(rng, lo: float, hi: float, log: bool) -> float:
+    """A factor in [lo, hi]; with ``log`` its distance from 1 is log-uniform, so subtle and strong
+    contrasts are drawn equally often."""
+    if not log:
+        return float(rng.uniform(lo, hi))
+    a, b = sorted((abs(lo - 1.0), abs(hi - 1.0)))
+    d = float(np.exp(rng.uniform(np.log(max(a, 1e-3)), np.log(max(b, 2e-3)))))
+    return 1.0 + d if hi > 1.0 else 1.0 - d
+
+
 def corrupt_patch(patch: np.ndarray, mask: np.ndarray, rng: np.random.Generator, cfg,
                   spacing_mm: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
     """Training corruption of a white-matter-scaled patch (WM = 1).
 
+    1 to ``cfg.max_blobs`` anomalies, each a warped ellipsoid or (``cfg.noise_blob``) an organic
+    thresholded-noise shape; its content replaces the tissue by a level relative to white matter,
+    scales the tissue that is there, or (``cfg.foreign``) is tissue from elsewhere in the patch,
+    mirrored and rescaled. Optionally coarse low-resolution noise on top (Kascenas et al.).
     Returns (corrupted patch, per-voxel corruption strength in [0, 1]) for the loss weights.
     ``cfg`` is a :class:`volseg.anomaly.config.CorruptionConfig`.
     """
@@ -108,6 +131,7 @@ def corrupt_patch(patch: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
         return x, weight
     n = int(rng.integers(1, cfg.max_blobs + 1))
     cand = np.argwhere(inside)
+    log_c = getattr(cfg, "log_contrast", False)
     for _ in range(n):
         semi_mm = rng.uniform(*cfg.radius_mm) * rng.uniform(0.6, 1.0, size=3)
         semi = semi_mm / spacing_mm
@@ -119,19 +143,30 @@ def corrupt_patch(patch: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
         shape = tuple(hi - lo)
         if min(shape) < 2:
             continue
-        warp = 0.25 * rng.uniform() * _smooth_noise(rng, shape, max(1.0, semi.mean() / 2))
-        edge = rng.uniform(0.3, 2.5)
-        alpha, _ = _ellipsoid_alpha(shape, centre - lo, semi, edge, rotation=_random_rotation(rng), warp=warp)
+        if rng.random() < getattr(cfg, "noise_blob", 0.0):
+            alpha = _noise_blob_alpha(shape, centre - lo, semi, rng)
+        else:
+            warp = 0.25 * rng.uniform() * _smooth_noise(rng, shape, max(1.0, semi.mean() / 2))
+            edge = rng.uniform(0.3, 2.5)
+            alpha, _ = _ellipsoid_alpha(shape, centre - lo, semi, edge, rotation=_random_rotation(rng), warp=warp)
         alpha = alpha * inside[box]
+        if not alpha.any():
+            continue
         bright = rng.random() < 0.5
-        factor = rng.uniform(*(cfg.bright if bright else cfg.dark))
+        factor = _contrast(rng, *(cfg.bright if bright else cfg.dark), log_c)
         tex = 1.0 + rng.uniform(0.0, 0.15) * _smooth_noise(rng, shape, rng.uniform(0.5, 2.0))
-        if rng.random() < 0.5:  # replace the tissue by a level relative to white matter
+        u = rng.random()
+        if u < getattr(cfg, "foreign", 0.0):  # tissue from elsewhere: wrong anatomy for this place
+            shift = [int(rng.integers(-s // 2, s // 2 + 1)) for s in x.shape]
+            src = np.roll(x, shift, axis=(0, 1, 2))[::-1][box]
+            new = src * rng.uniform(0.8, 1.25)
+        elif u < 0.5 + getattr(cfg, "foreign", 0.0) / 2:  # replace the tissue by a level relative to WM
             new = factor * tex
         else:  # scale the tissue that is there
             new = x[box] * factor * tex
-        x[box] = x[box] * (1 - alpha) + new * alpha
-        weight[box] = np.maximum(weight[box], alpha)
+        old = x[box].copy()
+        x[box] = old * (1 - alpha) + new * alpha
+        weight[box] = np.maximum(weight[box], alpha * np.clip(np.abs(x[box] - old) / 0.05, 0.0, 1.0))
     if rng.random() < cfg.coarse_noise:
         low = [max(2, s // 8) for s in x.shape]
         noise = rng.standard_normal(low).astype(np.float32) * cfg.coarse_noise_std

@@ -195,12 +195,31 @@ def export_weights(net, cfg: AEConfig, dest_dir: Path, extra: dict) -> Path:
 
 
 def train(cfg: AEConfig, resume: Path | None = None, max_steps: int | None = None, progress: bool = True,
-          stop_after: int | None = None) -> dict:
-    """Train; returns a summary (best validation AUPRC, steps, wall time, paths)."""
-    return run_training(_train, cfg, resume, max_steps, progress, stop_after)
+          stop_after: int | None = None, init: Path | None = None) -> dict:
+    """Train; returns a summary (best validation AUPRC, steps, wall time, paths).
+
+    ``init``: a model folder whose weights start the training (fine-tuning); its network
+    settings must equal ``cfg.net``.
+    """
+    return run_training(_train, cfg, resume, max_steps, progress, stop_after, init)
 
 
-def _train(cfg: AEConfig, ctx, resume, max_steps, progress, stop_after, t_start) -> dict:
+def init_weights(net, init: Path, cfg: AEConfig) -> dict:
+    """Load a model folder's checked weights into ``net`` (same architecture); returns its info."""
+    from volseg.config import config_from_dict
+    from volseg.anomaly.config import AENetConfig
+    from volseg.strip.model import WeightsError, load_model
+
+    src, info = load_model(init, kind="ae", device="cpu")
+    theirs = config_from_dict(info.get("net") or {}, AENetConfig, source=str(Path(init) / "model.json"))
+    if theirs != cfg.net:
+        raise WeightsError(f"{init}: its network ({theirs}) differs from the config's ({cfg.net}); "
+                           "fine-tuning keeps the architecture")
+    net.load_state_dict(src.state_dict())
+    return info
+
+
+def _train(cfg: AEConfig, ctx, resume, max_steps, progress, stop_after, init, t_start) -> dict:
     from tqdm import tqdm
 
     tc = cfg.train
@@ -215,7 +234,12 @@ def _train(cfg: AEConfig, ctx, resume, max_steps, progress, stop_after, t_start)
         val = cached_validation(cfg.data.validation, cfg, cache)
     log.info("%d real and %d synthetic healthy brains, %d validation brains", len(real), len(synth), len(val))
 
-    net = build_autoencoder(cfg.net).to(device)
+    net = build_autoencoder(cfg.net)
+    init_info = None
+    if init is not None and not resume:
+        init_info = init_weights(net, Path(init), cfg)
+        log.info("weights from %s (sha256 %s...)", init, str(init_info.get("sha256"))[:12])
+    net = net.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     total = max_steps or tc.steps
     sched = one_cycle(opt, tc.lr, total)
@@ -224,6 +248,7 @@ def _train(cfg: AEConfig, ctx, resume, max_steps, progress, stop_after, t_start)
     if resume:
         step, best = load_checkpoint(resume, net, opt, sched, total, "best_auprc", device)
         log.info("resumed from %s at step %d (best AUPRC %.4f)", resume, step, best)
+    init_ref = {"model_dir": str(init), "sha256": init_info.get("sha256")} if init_info else None
     model = dist.wrap_model(net, ctx)  # DDP under torchrun, else net
 
     per_step = tc.batch_size * ctx.world_size
@@ -262,7 +287,7 @@ def _train(cfg: AEConfig, ctx, resume, max_steps, progress, stop_after, t_start)
                          {k: (round(m["auprc"], 4), round(m["auprc_raw"], 4)) for k, m in v["per_scan"].items()})
                 if not val or v["auprc"] > best:
                     best = v["auprc"] if val else best
-                    export_weights(net, cfg, out / "best", {"step": step, "validation": v,
+                    export_weights(net, cfg, out / "best", {"step": step, "validation": v, "init": init_ref,
                                                             "config": config_to_dict(cfg)})
                 save_checkpoint(out, net, opt, sched, step, total, "best_auprc", best)
                 plot_learning_curve(log_csv, out / "learning_curve.png",
@@ -274,7 +299,7 @@ def _train(cfg: AEConfig, ctx, resume, max_steps, progress, stop_after, t_start)
     best = dist.broadcast_object(best)
     if main and step >= total:
         export_weights(net, cfg, out / "final", {"step": step, "validation": history[-1] if history else None,
-                                                 "config": config_to_dict(cfg)})
+                                                 "init": init_ref, "config": config_to_dict(cfg)})
     summary = {"steps": step, "best_val_auprc": best, "wall_s": round(time.perf_counter() - t_start, 1),
                "out_dir": str(out), "history": history[-1:] if history else []}
     if main:

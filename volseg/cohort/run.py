@@ -50,6 +50,7 @@ class RunOptions:
     tta: bool = False
     border_mm: float | None = None
     strip_model: str | None = None
+    anomaly_model: str | None = None  # anomaly model folder (default: shipped)
     figures: bool = True
     batch_size: int | None = None  # scans per network pass; None: 4 on a GPU, 1 on the CPU
 
@@ -99,7 +100,8 @@ def _context(opts: RunOptions):
     cfg = load_strip_config(opts.config)
     return build_context(opts.stages, cfg, device=pick_device(opts.device), tta=opts.tta,
                          border_mm=opts.border_mm, figures=opts.figures,
-                         strip_model=opts.strip_model, batch_size=opts.batch_size)
+                         strip_model=opts.strip_model, batch_size=opts.batch_size,
+                         anomaly_model=opts.anomaly_model)
 
 
 def process_batch(out: Path, scans, ctx) -> list[dict]:

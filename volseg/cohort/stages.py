@@ -28,16 +28,18 @@ class StageError(VolsegError):
     """A ``--stages`` choice that cannot run (unknown name, missing prerequisite or module)."""
 
 
-def anomaly_available(device="cpu"):
-    """``(load_anomaly_model, anomaly_volume, model)`` or ``(None, None, reason)``."""
+def anomaly_available(device="cpu", model_dir=None):
+    """``(load_anomaly_model, anomaly_volume, model)`` or ``(None, None, reason)``; ``model_dir``:
+    a model folder (default: the shipped model)."""
     try:
         from volseg.anomaly.infer import anomaly_volume, load_anomaly_model
     except Exception as exc:  # not written yet, or broken
         return None, None, f"volseg.anomaly.infer cannot be imported ({type(exc).__name__}: {exc})"
     try:
-        model = load_anomaly_model(None, device)
+        model = load_anomaly_model(model_dir, device)
     except Exception as exc:
-        return None, None, f"the shipped anomaly model cannot be loaded ({type(exc).__name__}: {exc})"
+        which = f"the anomaly model {model_dir}" if model_dir else "the shipped anomaly model"
+        return None, None, f"{which} cannot be loaded ({type(exc).__name__}: {exc})"
     return load_anomaly_model, anomaly_volume, model
 
 
@@ -103,7 +105,7 @@ class Context:
 
 
 def build_context(stages, cfg, device="cpu", tta=False, border_mm=None, figures=True,
-                  strip_model=None, batch_size: int | None = None) -> Context:
+                  strip_model=None, batch_size: int | None = None, anomaly_model=None) -> Context:
     """Load the models the stages need. ``stages=None``: all stages that are available.
 
     ``batch_size``: scans per network pass; None takes 4 on a GPU and 1 on the CPU, where
@@ -115,16 +117,23 @@ def build_context(stages, cfg, device="cpu", tta=False, border_mm=None, figures=
     ctx = Context(stages=want, cfg=cfg, device=device, tta=tta, border_mm=border_mm, figures=figures,
                   batch_size=max(1, int(batch_size)))
     if "anomaly" in want:
-        _, fn, model = anomaly_available(device)
+        _, fn, model = anomaly_available(device, anomaly_model)
         if fn is None:
-            if stages is not None:
+            if stages is not None or anomaly_model is not None:
                 raise StageError(f"--stages anomaly: not available: {model}")
             log.warning("anomaly stage left out: %s", model)
             ctx.stages = tuple(s for s in want if s != "anomaly")
         else:
             ctx.anomaly_model = model
             info = getattr(model, "info", None) or getattr(model, "volseg_info", None) or {}
-            ctx.models["anomaly"] = {"sha256": info.get("sha256") if isinstance(info, dict) else None}
+            calib = getattr(model, "calibration", None) or {}
+            mcfg = getattr(getattr(model, "cfg", None), "maps", None)
+            # everything of the model folder that changes a map, a mask or a flag: a recalibrated or
+            # retrained model makes a rerun recompute the anomaly outputs
+            ctx.models["anomaly"] = {
+                "sha256": info.get("sha256") if isinstance(info, dict) else None,
+                "voxel_threshold": calib.get("voxel_threshold"), "scan_threshold": calib.get("scan_threshold"),
+                "maps": dataclasses.asdict(mcfg) if dataclasses.is_dataclass(mcfg) else None}
     if "strip" in ctx.stages:
         from volseg.strip.model import load_model
 

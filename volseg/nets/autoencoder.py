@@ -39,6 +39,9 @@ class ConvAutoencoder(nn.Module):
         skips: add encoder features to the decoder at each scale (denoising-AE style).
         skip_dropout: probability of dropping each skip tensor during training (pushes the
             network to use the coarse context instead of copying its input).
+        residual: return ``x + correction`` (residual learning): healthy tissue needs no
+            reconstruction at all, so the network's capacity goes into repairing what it finds
+            abnormal and healthy residuals stay small and sharp.
 
     Input sizes must be divisible by ``2 ** len(channels)``: 16 for four levels, so
     the working grid 96x128x160 and 64^3 training patches are.
@@ -50,8 +53,10 @@ class ConvAutoencoder(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, channels: Sequence[int] = (16, 32, 64, 128),
-                 bottleneck: int = 64, skips: bool = True, skip_dropout: float = 0.0):
+                 bottleneck: int = 64, skips: bool = True, skip_dropout: float = 0.0,
+                 residual: bool = False):
         super().__init__()
+        self.residual = bool(residual)
         channels = [int(c) for c in channels]
         if len(channels) < 2:
             raise ValueError(f"channels needs at least two levels, got {channels}")
@@ -97,13 +102,14 @@ class ConvAutoencoder(nn.Module):
             if self.training and self.skip_dropout > 0 and torch.rand(()) < self.skip_dropout:
                 inp = torch.zeros_like(x)
             h = torch.cat([h, inp], dim=1)
-        return self.head(h)
+        out = self.head(h)
+        return x + out if self.residual else out
 
 
 def build_autoencoder(net_cfg) -> ConvAutoencoder:
     """Build from a :class:`volseg.anomaly.config.AENetConfig`."""
     return ConvAutoencoder(net_cfg.in_channels, net_cfg.channels, net_cfg.bottleneck, net_cfg.skips,
-                           net_cfg.skip_dropout)
+                           net_cfg.skip_dropout, getattr(net_cfg, "residual", False))
 
 
 __all__ = ["ConvAutoencoder", "build_autoencoder"]

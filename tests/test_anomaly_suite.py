@@ -1,0 +1,194 @@
+"""The anomaly benchmark (lesion families, baselines, metrics), registration, and site adaptation
+(fine-tuning with --init, calibrate into a model folder, that folder used by anomaly and run)."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from volseg.anomaly.families import FAMILIES, SITES, SIZE_BANDS_MM, insert_family, lesion_alpha, tissue_sites
+
+
+def _synthetic_brain(seed=11):
+    from volseg.anomaly.data import synth_brain
+
+    return synth_brain(seed)
+
+
+def test_families_paint_their_contrast_at_every_site_and_size():
+    from volseg.anomaly.prep import wm_peak
+
+    data, mask, meta = _synthetic_brain(11)
+    sites = tissue_sites(data, mask, meta.zooms)
+    assert set(sites) == set(SITES) and all(v.sum() >= 20 for v in sites.values())
+    assert all(not (v & ~mask).any() for v in sites.values())
+    wm = wm_peak(data[mask])
+    for k, (family, (lo, hi)) in enumerate(FAMILIES.items()):
+        img, truth, params = insert_family(data, mask, meta.zooms, family, np.random.default_rng(k), sites=sites)
+        assert truth.any() and not (truth & ~mask).any()
+        assert sorted(p["site"] for p in params) == sorted(SITES)
+        for p, (rlo, rhi) in zip(params, SIZE_BANDS_MM):
+            assert rlo <= p["radius_mm"] <= rhi and lo <= p["level_x_wm"] <= hi
+        # the painted core sits in the family's band (texture and soft edges aside)
+        core = np.median(img[truth]) / wm
+        assert lo - 0.07 < core < hi + 0.07, (family, core)
+        # outside the lesion masks only their soft edges (occupancy < 0.5) changed
+        changed = np.abs(img - data) > 1e-3 * wm
+        assert (changed & ~truth).sum() < truth.sum()
+
+
+def test_lesion_shapes_have_the_asked_size():
+    rng = np.random.default_rng(0)
+    shape, centre, zooms = (61, 61, 61), (30, 30, 30), (1.0, 1.0, 1.0)
+    ell = lesion_alpha(shape, centre, 10.0, zooms, "ellipsoid", rng) >= 0.5
+    vol = ell.sum()
+    # semi-axes are 0.6-1.0 x the radius: between the two spheres' volumes
+    assert 4 / 3 * np.pi * 6 ** 3 * 0.9 < vol < 4 / 3 * np.pi * 10 ** 3 * 1.1
+    lobed = lesion_alpha(shape, centre, 10.0, zooms, "lobed", np.random.default_rng(1)) >= 0.5
+    assert lobed.sum() > 100
+    with pytest.raises(ValueError, match="shape"):
+        lesion_alpha(shape, centre, 10.0, zooms, "cube", rng)
+
+
+def test_registration_recovers_a_known_affine():
+    from scipy import ndimage as ndi
+
+    from volseg.transforms.register import register_affine, warp
+
+    data, mask, meta = _synthetic_brain(12)
+    from volseg.anomaly.config import AEConfig
+    from volseg.anomaly.prep import prepare_brain
+
+    prep = prepare_brain(data, mask, meta, AEConfig(), n4=False)
+    fixed, fmask = prep.grid_image[0].numpy(), prep.grid_mask
+    # moving: the same brain shifted by (3, -2, 4) voxels and scaled by 1.08 about the centre
+    c = (np.asarray(fixed.shape) - 1) / 2
+    mat = np.eye(3) / 1.08
+    off = c - mat @ c - np.asarray([3.0, -2.0, 4.0])
+    moving = ndi.affine_transform(fixed, mat, offset=off, order=1)
+    before = np.corrcoef(fixed[fmask], moving[fmask])[0, 1]
+    tr = register_affine(fixed, moving, 2.0, fixed_mask=fmask)
+    back = warp(moving, tr, fixed.shape, 2.0)
+    after = np.corrcoef(fixed[fmask], back[fmask])[0, 1]
+    assert before < 0.9 and after > 0.97, (before, after)
+
+
+def test_suite_scores_agree_with_sklearn_on_the_same_voxels(tmp_path, tiny_ae_model):
+    from sklearn.metrics import average_precision_score
+
+    from volseg.anomaly.benchmark import SuiteCase, baseline_maps, run_suite
+    from volseg.anomaly.infer import anomaly_volume, load_anomaly_model
+
+    data, mask, meta = _synthetic_brain(13)
+    img, truth, _ = insert_family(data, mask, meta.zooms, "dark", np.random.default_rng(3))
+    model = load_anomaly_model(tiny_ae_model)
+    cases = [SuiteCase("b_healthy", "healthy", "b", lambda: (data, mask, None, meta)),
+             SuiteCase("b_dark0", "dark", "b", lambda: (img, mask, truth, meta))]
+    summary = run_suite(model, cases, tmp_path / "suite", template=True)
+    g = summary["groups"]["dark"]
+    assert set(g) >= {"model", "raw", "wm_distance", "template", "ratio_to_best_baseline"}
+    res = anomaly_volume(img, mask, meta, model)
+    assert g["model"]["auprc"] == pytest.approx(average_precision_score(truth[mask], res.map[mask]), abs=1e-3)
+    base = baseline_maps(res, model.cfg, None)
+    assert g["raw"]["auprc"] == pytest.approx(average_precision_score(truth[mask], base["raw"][mask]), abs=1e-3)
+    # a dark lesion: |x - WM| finds it better than raw intensity, which ranks it lowest
+    assert g["wm_distance"]["auprc"] > g["raw"]["auprc"]
+    for name in ("suite_cases.tsv", "suite_groups.tsv", "suite.md"):
+        assert (tmp_path / "suite" / name).stat().st_size > 50
+    healthy = json.loads((tmp_path / "suite" / "suite.json").read_text())["healthy"]
+    assert [h["id"] for h in healthy] == ["b_healthy"] and healthy[0]["anomalous_ml"] >= 0
+
+
+@pytest.fixture(scope="module")
+def tiny_ae_model(tmp_path_factory):
+    """A small random-weight residual autoencoder with its training settings and a calibration."""
+    from volseg.anomaly.evaluate import Case, calibrate, write_calibration
+    from volseg.anomaly.infer import load_anomaly_model
+    from volseg.anomaly.train import export_weights
+    from volseg.config import config_from_dict, config_to_dict
+    from volseg.anomaly.config import AEConfig
+    from volseg.nets.autoencoder import build_autoencoder
+
+    tmp = tmp_path_factory.mktemp("aemodel")
+    cfg = config_from_dict({
+        "net": {"channels": [4, 8], "bottleneck": 4, "residual": True},
+        "data": {"healthy": [], "synth_count": 0, "cache_dir": str(tmp / "cache")},
+        "train": {"steps": 4, "steps_per_epoch": 2, "batch_size": 2, "patch": [32, 32, 32],
+                  "out_dir": str(tmp / "run"), "threads": 1, "amp": False},
+        "maps": {"n4": False, "median_size": 3},
+    }, AEConfig)
+    torch.manual_seed(0)
+    net = build_autoencoder(cfg.net)
+    export_weights(net, cfg, tmp / "model", {"config": config_to_dict(cfg)})
+    model = load_anomaly_model(tmp / "model")
+    data, mask, meta = _synthetic_brain(40)
+    write_calibration(calibrate(model, [Case("h", arrays=(data, mask, None, meta))]), tmp / "model")
+    return tmp / "model"
+
+
+def _write_brain(path, seed, voxel=3.0, head=False):
+    from volseg.synth import synth_head
+
+    subj = synth_head(seed, voxel_size=(voxel,) * 3)
+    arr = subj.image if head else np.where(subj.brain_mask > 0, subj.image, 0)
+    img = nib.Nifti1Image(arr.astype(np.float32), subj.affine)
+    img.set_qform(subj.affine, code=1)
+    img.set_sform(subj.affine, code=1)
+    nib.save(img, path)
+    return path
+
+
+@pytest.mark.slow
+def test_site_adaptation_end_to_end(run_cli, tmp_path, tiny_ae_model):
+    """train ae --init on a site's controls (a folder) -> calibrate on other controls -> the model
+    folder works in volseg anomaly --model and volseg run --anomaly-model."""
+    from safetensors.torch import load_file
+
+    controls = tmp_path / "controls"
+    controls.mkdir()
+    for i in range(2):
+        _write_brain(controls / f"sub-c{i}_T1w.nii.gz", 300 + i)
+    held = _write_brain(tmp_path / "sub-h_T1w.nii.gz", 310)
+    r = run_cli("train", "ae", "--init", tiny_ae_model, "--healthy", controls, "--steps", 2,
+                "-o", tmp_path / "ft", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = tmp_path / "ft" / "final"
+    before, after = load_file(str(tiny_ae_model / "model.safetensors")), load_file(str(final / "model.safetensors"))
+    assert before.keys() == after.keys() and all(before[k].shape == after[k].shape for k in before)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    info = json.loads((final / "model.json").read_text())
+    assert info["init"]["sha256"] == json.loads((tiny_ae_model / "model.json").read_text())["sha256"]
+    assert info["config"]["data"]["healthy"] and info["config"]["net"]["residual"] is True
+
+    site = tmp_path / "site_model"
+    r = run_cli("calibrate", "--model", final, held, "-o", site)
+    assert r.returncode == 0, r.stderr[-3000:]
+    calib = json.loads((site / "calibration.json").read_text())
+    assert calib["model_sha256"] == info["sha256"] and list(calib["healthy_scans"]) == ["sub-h"]
+    assert (site / "model.safetensors").exists() and (site / "model.json").exists()
+
+    probe = _write_brain(tmp_path / "probe.nii.gz", 320)
+    r = run_cli("anomaly", probe, "--mask", probe, "--model", site, "-o", tmp_path / "anom")
+    assert r.returncode == 0, r.stderr[-3000:]
+    side = json.loads((tmp_path / "anom" / "probe_desc-anomaly_map.json").read_text())
+    assert side["VoxelThreshold"] == pytest.approx(calib["voxel_threshold"])
+
+    (tmp_path / "in").mkdir()
+    head = _write_brain(tmp_path / "in" / "sub-p_T1w.nii.gz", 321, voxel=2.0, head=True)
+    r = run_cli("run", head, "-o", tmp_path / "deriv", "--anomaly-model", site, "--no-report")
+    assert r.returncode == 0, r.stderr[-3000:]
+    sidecars = list((tmp_path / "deriv").rglob("*_desc-anomaly_map.json"))
+    assert len(sidecars) == 1
+    assert json.loads(sidecars[0].read_text())["Anomaly"]["VoxelThreshold"] == pytest.approx(calib["voxel_threshold"])
+
+
+def test_calibrate_refuses_to_write_into_the_package(run_cli, tmp_path):
+    brain = _write_brain(tmp_path / "b.nii.gz", 330)
+    r = run_cli("calibrate", brain)
+    assert r.returncode != 0 and "give -o DIR" in r.stderr
+    r = run_cli("train", "ae", "--init", "shipped", "-o", tmp_path / "x")
+    assert r.returncode != 0 and "--healthy" in r.stderr

@@ -1,0 +1,106 @@
+"""Site adaptation: fine-tune an anomaly model on a lab's own healthy controls, then calibrate it
+on held-out controls of the same site (``volseg train ae --init``, ``volseg calibrate``).
+
+No shipped model knows every scanner; a lab's healthy controls teach it what healthy looks like
+there. Controls are given as files, folders, list files or a BIDS dataset (with participant
+labels), either as skull-stripped brains or, with ``heads=True``, as whole heads that volseg
+skull-strips first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def control_brains(inputs, out_dir, participants=(), heads: bool = False, strip_model=None,
+                   device="cpu") -> list[Path]:
+    """The brain-only images of healthy controls: the inputs themselves, or (``heads``) their
+    skull-stripped versions written to ``out_dir`` (reused when present)."""
+    from volseg.cohort.inputs import discover
+    from volseg.errors import InputError
+
+    scans = discover(list(inputs), tuple(participants))
+    if not scans:
+        raise InputError(", ".join(map(str, inputs)), "no healthy control scans found")
+    missing = [s.path for s in scans if not Path(s.path).exists()]
+    if missing:
+        raise InputError(missing[0], "file not found")
+    if not heads:
+        return [Path(s.path) for s in scans]
+    from volseg.strip.config import load_strip_config
+    from volseg.strip.infer import strip_file
+    from volseg.strip.model import load_model
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    net = cfg = None
+    brains = []
+    for s in scans:
+        dest = out / f"{s.prefix}_desc-brain_T1w.nii.gz"
+        if not dest.exists():
+            if net is None:
+                net, _ = load_model(strip_model, kind="strip", device=device)
+                cfg = load_strip_config(None)
+            written = Path(strip_file(s.path, out, net, cfg, device, tta=True)["brain"])
+            if written != dest:
+                written.replace(dest)
+        brains.append(dest)
+    return brains
+
+
+def finetune_config(init_dir, brains, out_dir, steps: int = 300, lr: float = 1e-4, synth: int = 0,
+                    threads: int | None = None, device: str | None = None, base=None):
+    """The training settings of a fine-tuning run: the init model's own settings (network, grid,
+    maps, corruption) with the lab's controls as the only real training brains, no validation
+    brains, ``synth`` synthetic brains, ``steps`` steps at ``lr``, written to ``out_dir``.
+    ``base`` (an :class:`~volseg.anomaly.config.AEConfig`, e.g. from ``-c``) replaces the init
+    model's settings."""
+    from volseg.anomaly.config import AEConfig
+    from volseg.config import config_from_dict
+    from volseg.strip.model import WeightsError
+
+    info_path = Path(init_dir) / "model.json"
+    if base is None:
+        if not info_path.exists():
+            raise WeightsError(f"{init_dir}: no model.json; give a model folder to --init")
+        stored = json.loads(info_path.read_text()).get("config")
+        if not stored:
+            raise WeightsError(f"{info_path}: has no training settings; give them with -c CONFIG")
+        base = config_from_dict(stored, AEConfig, source=str(info_path))
+    cache = Path(out_dir) / "cache"
+    data = dataclasses.replace(base.data, healthy=tuple(str(b) for b in brains), validation=(),
+                               synth_count=int(synth), cache_dir=str(cache))
+    train = dataclasses.replace(base.train, steps=int(steps), lr=float(lr), out_dir=str(out_dir),
+                                steps_per_epoch=max(1, min(base.train.steps_per_epoch, int(steps))),
+                                **({"threads": int(threads)} if threads else {}),
+                                **({"device": device} if device else {}))
+    return dataclasses.replace(base, data=data, train=train)
+
+
+def write_model_folder(src_dir, dest_dir, calibration: dict | None = None) -> Path:
+    """A complete model folder at ``dest_dir``: the weights and ``model.json`` of ``src_dir``
+    (copied unless it is the same folder), and ``calibration.json`` when given."""
+    from volseg.anomaly.evaluate import write_calibration
+
+    src, dest = Path(src_dir).resolve(), Path(dest_dir).resolve()
+    dest.mkdir(parents=True, exist_ok=True)
+    if src != dest:
+        info = json.loads((src / "model.json").read_text())
+        for name in (info.get("weights", "model.safetensors"), "model.json", "MODEL_CARD.md", "learning_curve.png",
+                     "normative.npz"):
+            if (src / name).exists():
+                tmp = dest / f".{name}.tmp"
+                shutil.copyfile(src / name, tmp)
+                tmp.replace(dest / name)
+    if calibration is not None:
+        write_calibration(calibration, dest)
+    return dest
+
+
+__all__ = ["control_brains", "finetune_config", "write_model_folder"]
