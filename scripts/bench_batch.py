@@ -35,7 +35,7 @@ def main() -> int:
     import torch
 
     from volseg.anomaly.infer import load_anomaly_model
-    from volseg.anomaly.train import reconstruct_batch
+    from volseg.anomaly.recon import reconstruct_batch
     from volseg.device import pick_device
     from volseg.strip.infer import predict_grid_batch
     from volseg.strip.model import load_model

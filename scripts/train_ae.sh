@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
-# Retrain the shipped anomaly autoencoder from scratch (about 1-1.5 h on 2 CPU cores), calibrate
-# it on held-out healthy brains, evaluate it, and install it into volseg/models/ae (then update
+# Retrain the shipped anomaly autoencoder from scratch (about 1.5 h on 2 CPU cores), calibrate it
+# on held-out healthy brains, run the benchmark, and install it into volseg/models/ae (then update
 # MODEL_CARD.md there with the printed numbers).
-#   scripts/train_ae.sh            # needs ../shared/data (or VOLSEG_SHARED_DATA)
+#   scripts/train_ae.sh [best|final]     # needs ../shared/data (or VOLSEG_SHARED_DATA)
+#
+# Data split (fixed before training):
+#   train:       nilearn MNI152 2009 brain, Colin27 ch2bet, wholehead/nomask/t1_crop skull-stripped
+#                with volseg, 24 synthetic brains (seeds 5000...)
+#   validation:  healthy/T1_brain_c1 with one case of each benchmark lesion family (checkpoint
+#                selection: the highest mean validation AUPRC, evaluated every 150 steps)
+#   calibration: healthy/T1_brain_c1 without lesions + 8 synthetic brains (seeds 9000...)
+#   test:        healthy/norm.mgz and wholehead/nomask/chris_t1 (skull-stripped), BRATS, MS patient19
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export VOLSEG_SHARED_DATA="${VOLSEG_SHARED_DATA:-$(pwd)/../shared/data}"
 PY=.venv/bin/python
 [ -x "$PY" ] || { echo "run scripts/test.sh or scripts/quickstart.sh first to create .venv" >&2; exit 1; }
 MODEL=${1:-best}   # which export of the run to ship: best (by validation AUPRC) or final
+.venv/bin/volseg strip "$VOLSEG_SHARED_DATA/wholehead/nomask/t1_crop.nii.gz" -o runs/healthy_stripped --tta
 rm -rf runs/ae/best runs/ae/final runs/ae/last.pt runs/ae/log.csv
 mkdir -p runs/ae
 start=$(date +%s)
 .venv/bin/volseg -v train ae --config configs/ae.yaml 2>&1 | tee runs/ae/train.out
 echo "training wall time: $(( $(date +%s) - start )) s"
-# calibration: the validation brain (healthy, no lesions) + 8 synthetic healthy brains whose
-# seeds (9000...) are outside the training seeds (5000...)
-.venv/bin/volseg calibrate "$VOLSEG_SHARED_DATA/healthy/T1_brain_c1.nii.gz" --synth 8 --model "runs/ae/$MODEL"
+.venv/bin/volseg calibrate "$VOLSEG_SHARED_DATA/healthy/T1_brain_c1.nii.gz" --synth 8 --model "runs/ae/$MODEL" \
+    -o "runs/ae/$MODEL"
 cp runs/ae/learning_curve.png "runs/ae/$MODEL/"
-"$PY" scripts/eval_anomaly.py --model "runs/ae/$MODEL" -o runs/ae/eval
+"$PY" scripts/anomaly_suite.py --model "runs/ae/$MODEL" -o runs/ae/suite
 mkdir -p volseg/models/ae
 cp "runs/ae/$MODEL"/{model.safetensors,model.json,calibration.json,learning_curve.png} volseg/models/ae/
-echo "installed into volseg/models/ae; update volseg/models/ae/MODEL_CARD.md"
+echo "installed into volseg/models/ae; update volseg/models/ae/MODEL_CARD.md with runs/ae/suite/suite.md"

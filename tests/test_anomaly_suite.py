@@ -192,3 +192,95 @@ def test_calibrate_refuses_to_write_into_the_package(run_cli, tmp_path):
     assert r.returncode != 0 and "give -o DIR" in r.stderr
     r = run_cli("train", "ae", "--init", "shipped", "-o", tmp_path / "x")
     assert r.returncode != 0 and "--healthy" in r.stderr
+
+
+def test_evaluate_suite_cli_writes_every_family_beside_its_baselines(run_cli, tmp_path, tiny_ae_model):
+    import os
+
+    brain = _write_brain(tmp_path / "held.nii.gz", 340)
+    env = dict(os.environ, VOLSEG_SHARED_DATA=str(tmp_path / "none"))
+    r = run_cli("evaluate", "anomaly", "--suite", "--healthy", brain, "--per-family", 1, "--no-template",
+                "--model", tiny_ae_model, "-o", tmp_path / "suite", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = (tmp_path / "suite" / "suite_groups.tsv").read_text().splitlines()
+    header = rows[0].split("\t")
+    assert {"model_auprc", "raw_auprc", "wm_distance_auprc", "model_dice_calibrated"} <= set(header)
+    assert sorted(r.split("\t")[0] for r in rows[1:]) == sorted(FAMILIES)
+    assert "| held |" in r.stdout  # the held-out healthy brain's score and anomalous volume
+    r = run_cli("evaluate", "anomaly", "--suite", "--model", tiny_ae_model, "-o", tmp_path / "x")
+    assert r.returncode != 0 and "--healthy" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def normative_model(tmp_path_factory, tiny_ae_model):
+    """The tiny model with maps.normative on, calibrated (leave-one-out) on 3 synthetic brains."""
+    import shutil
+
+    from volseg.anomaly.evaluate import Case, calibrate, write_calibration
+    from volseg.anomaly.infer import load_anomaly_model
+
+    d = tmp_path_factory.mktemp("normative") / "model"
+    shutil.copytree(tiny_ae_model, d)
+    (d / "calibration.json").unlink()
+    info = json.loads((d / "model.json").read_text())
+    info["config"]["maps"]["normative"] = True
+    (d / "model.json").write_text(json.dumps(info))
+    model = load_anomaly_model(d)
+    assert model.normative is None  # not calibrated yet
+    cases = []
+    for s in (41, 42, 43):
+        data, mask, meta = _synthetic_brain(s)
+        cases.append(Case(f"h{s}", arrays=(data, mask, None, meta)))
+    calib = calibrate(model, cases)
+    assert calib["normative_brains"] == 3 and set(calib["healthy_scans"]) == {"h41", "h42", "h43"}
+    write_calibration(calib, d)
+    return d
+
+
+def test_normative_statistics_are_written_and_shape_the_map(normative_model, tiny_ae_model):
+    from volseg.anomaly.infer import anomaly_volume, load_anomaly_model
+    from volseg.anomaly.normative import NORMATIVE_FILE
+
+    assert (normative_model / NORMATIVE_FILE).exists()
+    calib = json.loads((normative_model / "calibration.json").read_text())
+    assert "normative" not in calib and calib["voxel_threshold"] > 0
+    model = load_anomaly_model(normative_model, require_calibration=True)
+    n = model.normative
+    assert n.brains == 3 and n.mean.shape == n.template.shape and (n.std[n.template_mask] > 0).all()
+    data, mask, meta = _synthetic_brain(44)
+    img, truth, _ = insert_family(data, mask, meta.zooms, "bright", np.random.default_rng(4))
+    res = anomaly_volume(img, mask, meta, model)
+    plain = anomaly_volume(img, mask, meta, load_anomaly_model(tiny_ae_model))
+    assert res.map.shape == img.shape and (res.map[~mask] == 0).all()
+    assert not np.allclose(res.map[mask], plain.map[mask])  # z units, not white-matter units
+    # missing statistics for a calibrated normative model: refused, naming the file
+    from volseg.strip.model import WeightsError
+
+    (normative_model / NORMATIVE_FILE).rename(normative_model / "moved.npz")
+    try:
+        with pytest.raises(WeightsError, match=NORMATIVE_FILE):
+            load_anomaly_model(normative_model)
+    finally:
+        (normative_model / "moved.npz").rename(normative_model / NORMATIVE_FILE)
+
+
+@pytest.mark.parametrize("axcodes,oblique", [("RAS", False), ("LIA", False), ("RAS", True)])
+def test_normative_maps_come_back_on_the_input_grid(run_cli, tmp_path, normative_model, axcodes, oblique):
+    from volseg.synth import synth_head
+
+    subj = synth_head(50, voxel_size=(1.6, 1.6, 2.4), axcodes=axcodes, oblique=oblique)
+    brain = np.where(subj.brain_mask > 0, subj.image, 0).astype(np.float32)
+    img = nib.Nifti1Image(brain, subj.affine)
+    img.set_qform(subj.affine, code=1)
+    img.set_sform(subj.affine, code=1)
+    p = tmp_path / "sub-x_T1w.nii.gz"
+    nib.save(img, p)
+    r = run_cli("anomaly", p, "--mask", p, "--model", normative_model, "-o", tmp_path / "out")
+    assert r.returncode == 0, r.stderr[-3000:]
+    amap = nib.load(tmp_path / "out" / "sub-x_desc-anomaly_map.nii.gz")
+    assert amap.shape == brain.shape
+    np.testing.assert_allclose(amap.affine, subj.affine, atol=1e-4)
+    a = amap.get_fdata()
+    assert (a[brain == 0] == 0).all() and a.max() > 0
+    side = json.loads((tmp_path / "out" / "sub-x_desc-anomaly_map.json").read_text())
+    assert side["Maps"]["normative"] is True

@@ -46,7 +46,7 @@ def test_strip_network_batch_equals_one_at_a_time(heads, ctx):
 
 def test_autoencoder_batch_groups_equal_crops(ctx):
     from volseg.anomaly.maps import brain_bbox
-    from volseg.anomaly.train import reconstruct, reconstruct_batch
+    from volseg.anomaly.recon import reconstruct, reconstruct_batch
 
     rng = np.random.default_rng(0)
     shape = (96, 128, 160)

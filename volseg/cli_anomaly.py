@@ -83,6 +83,8 @@ def cmd_evaluate(args) -> int:
     from volseg.anomaly.evaluate import evaluate, lesion_cases, read_cases
 
     model = _model(args, require_calibration=True)
+    if args.suite:
+        return _suite(args, model)
     cases = []
     if args.cases:
         cases += read_cases(args.cases)
@@ -100,6 +102,27 @@ def cmd_evaluate(args) -> int:
         print("scan: " + " ".join(f"{k} {s[k]:.3f}" for k in ("accuracy", "precision", "sensitivity",
                                                                "specificity", "f1", "roc_auc")))
     print(f"tables and pictures in {args.output}", file=sys.stderr)
+    return 0
+
+
+def _suite(args, model) -> int:
+    import os
+
+    from volseg.anomaly.benchmark import real_cases, run_suite, synthetic_cases
+    from volseg.io import scan_id
+
+    if not args.healthy:
+        raise SystemExit("volseg evaluate anomaly --suite: give held-out healthy brains with --healthy "
+                         "(never used to train or calibrate the model)")
+    cases = []
+    for h in args.healthy:
+        cases += synthetic_cases(scan_id(h), str(h), per_family=args.per_family, seed=args.seed or 1000)
+    shared = args.shared or (os.environ.get("VOLSEG_SHARED_DATA") and Path(os.environ["VOLSEG_SHARED_DATA"]))
+    if shared:
+        cases += real_cases(Path(shared))
+    run_suite(model, cases, args.output, template=not args.no_template)
+    print((Path(args.output) / "suite.md").read_text())
+    print(f"tables in {args.output}: suite.md, suite_groups.tsv, suite_cases.tsv, suite.json", file=sys.stderr)
     return 0
 
 
@@ -158,6 +181,14 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the inserted lesions")
     p.add_argument("--model", type=Path, default=None, help="anomaly model folder (default: shipped)")
     p.add_argument("--no-panels", action="store_true", help="skip the picture panels")
+    p.add_argument("--suite", action="store_true",
+                   help="the benchmark: every lesion family (dark, grey, subtle, bright; 3-25 mm; ellipsoid and "
+                        "multi-lobed; deep, periventricular, juxtacortical) in each --healthy brain, real lesions "
+                        "from --shared, beside raw-intensity, |x - WM| and MNI152-template baselines")
+    p.add_argument("--per-family", type=int, default=2, metavar="N", help="--suite: cases per family and brain")
+    p.add_argument("--shared", type=Path, default=None, metavar="DIR",
+                   help="--suite: folder with lesion/brats2013 and lesion/open_ms_mni (default $VOLSEG_SHARED_DATA)")
+    p.add_argument("--no-template", action="store_true", help="--suite: skip the template baseline")
     p.add_argument("-o", "--output", required=True, type=Path, help="output folder")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(func=cmd_evaluate)

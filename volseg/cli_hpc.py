@@ -25,6 +25,9 @@ def cmd_slurm_submit(args) -> int:
         run_args += ["--config", str(Path(args.config).absolute())]
     if args.participant_label:
         run_args += ["--participant-label", *args.participant_label]
+    for flag, value in (("--strip-model", args.strip_model), ("--anomaly-model", args.anomaly_model)):
+        if value:
+            run_args += [flag, str(Path(value).absolute())]
     for extra in args.run_arg:
         run_args += shlex.split(extra)
     n = count_scans(args.inputs, tuple(args.participant_label or ()))
@@ -111,6 +114,9 @@ def register(sub) -> None:
                    help="scans per array task (default 10): the array has ceil(n/M) tasks")
     s.add_argument("--stages", default=None, help="passed to `volseg run --stages`")
     s.add_argument("-c", "--config", type=Path, default=None, help="passed to `volseg run --config`")
+    s.add_argument("--strip-model", type=Path, default=None, help="passed to `volseg run --strip-model`")
+    s.add_argument("--anomaly-model", type=Path, default=None,
+                   help="passed to `volseg run --anomaly-model` (e.g. a site-calibrated model folder)")
     s.add_argument("--participant-label", nargs="+", default=None, metavar="LABEL",
                    help="passed to `volseg run --participant-label` (and used to count the scans)")
     s.add_argument("--run-arg", action="append", default=[], metavar="ARGS",

@@ -110,13 +110,9 @@ class Template:
     """nilearn's MNI152 2009 brain on its own working grid, white-matter scaled."""
 
     def __init__(self, cfg):
-        from volseg.anomaly.data import load_brain
-        from volseg.anomaly.prep import prepare_brain
+        from volseg.anomaly.normative import mni_template
 
-        data, mask, meta = load_brain("mni152")
-        prep = prepare_brain(data, mask, meta, cfg, n4=False)
-        self.image = prep.grid_image[0].numpy()
-        self.mask = prep.grid_mask
+        self.image, self.mask = mni_template(cfg)
         self.spacing = cfg.preprocess.grid.spacing_mm
 
     def on(self, fixed: np.ndarray, fixed_mask: np.ndarray) -> np.ndarray:

@@ -83,6 +83,9 @@ class MapConfig:
     median_size: int = 5  # 3D median filter width in working-grid voxels (0/1: off)
     min_component_voxels: int = 0  # drop connected components of the native mask below this
     n4: bool = True  # N4 inside the brain mask before the grid (off when the image is already corrected)
+    passes: int = 1  # network passes, each fed the previous reconstruction inside the brain
+    normative: bool = False  # residual in units of the healthy spread at each MNI152 location
+    normative_sigma_mm: float = 4.0  # smoothing of the healthy mean and spread maps
 
 
 @dataclass(frozen=True)

@@ -90,31 +90,91 @@ def lesion_cases(image: str, mask: str | None, n: int, seed: int = 0, **kwargs) 
 def calibrate(model: AnomalyModel, cases: list[Case], fpr: float | None = None,
               percentile: float | None = None) -> dict:
     """Voxel threshold at a healthy false-positive rate and scan threshold at a percentile of
-    healthy scan scores, from healthy ``cases``."""
+    healthy scan scores, from healthy ``cases``.
+
+    With ``maps.normative`` on, the healthy residual statistics are estimated from the same
+    cases first (returned under ``"normative"`` as a :class:`~volseg.anomaly.normative.Normative`,
+    for :func:`write_calibration`), and each case's map for the thresholds is made with the
+    statistics of the *other* cases (leave one out), so that the thresholds see the spread of a
+    brain the statistics never saw."""
     cc = model.cfg.calibration
     fpr = cc.voxel_fpr if fpr is None else fpr
     percentile = cc.scan_percentile if percentile is None else percentile
     values, scores, per = [], [], {}
-    for case in cases:
-        data, mask, _, meta = case.load()
-        res = anomaly_volume(data, mask, meta, model, voxel_threshold=np.inf)
+    extra = {}
+    if model.cfg.maps.normative:
+        results, norm = _normative_loo(model, cases)
+        extra = {"normative": norm, "normative_brains": len(cases),
+                 "normative_sigma_mm": model.cfg.maps.normative_sigma_mm}
+    else:
+        results = _plain(model, cases)
+    for case, mask, res in results:
         values.append(res.map[mask].astype(np.float32))
         scores.append(res.score)
         per[case.id] = {"score": res.score, "voxels": int(mask.sum())}
         log.info("calibration %s: score %.4f", case.id, res.score)
     pooled = np.concatenate(values)
-    return {
+    return dict({
         "voxel_threshold": voxel_threshold(pooled, fpr), "voxel_fpr": fpr,
         "scan_threshold": scan_threshold(scores, percentile), "scan_percentile": percentile,
         "score_definition": f"mean of the top {cc.score_top_percent}% of anomaly-map values in the brain "
                             "(2 mm working grid)",
         "healthy_scans": per, "model_sha256": model.info.get("sha256"),
-    }
+    }, **extra)
+
+
+def _plain(model: AnomalyModel, cases: list[Case]):
+    for case in cases:
+        data, mask, meta = _arrays(case)
+        yield case, mask, anomaly_volume(data, mask, meta, model, voxel_threshold=np.inf)
+
+
+def _arrays(case: Case):
+    data, mask, _, meta = case.load()
+    return data, mask, meta
+
+
+def _normative_loo(model: AnomalyModel, cases: list[Case]):
+    """(case, mask, result) per case with leave-one-out normative statistics, and the statistics
+    of all cases."""
+    from volseg.anomaly.infer import anomaly_finish, anomaly_prepare
+    from volseg.anomaly.normative import estimate, mni_template, signed_residual, to_template
+    from volseg.anomaly.recon import reconstruct
+    from volseg.transforms.register import register_affine
+
+    if len(cases) < 3:
+        raise ValueError(f"normative statistics need at least 3 healthy brains, got {len(cases)}")
+    cfg = model.cfg
+    sp = cfg.preprocess.grid.spacing_mm
+    tmpl, tmask = mni_template(cfg)
+    items = []
+    for case in cases:
+        data, mask, meta = _arrays(case)
+        prep = anomaly_prepare(data, mask, meta, model)
+        g = prep.grid_image[0].numpy()
+        recon = reconstruct(model.net, g, prep.grid_mask, model.device, passes=cfg.maps.passes)
+        tr = register_affine(g, tmpl, sp, fixed_mask=prep.grid_mask)
+        r = np.where(prep.grid_mask, signed_residual(g, recon, cfg.maps.residual), 0.0)
+        items.append((case, mask, prep, recon, tr, to_template(r, tr, tmpl.shape, sp),
+                      to_template(prep.grid_mask.astype(np.float32), tr, tmpl.shape, sp) > 0.5))
+    sig = cfg.maps.normative_sigma_mm
+    out = []
+    for i, (case, mask, prep, recon, tr, _, _) in enumerate(items):
+        others = [it for j, it in enumerate(items) if j != i]
+        loo = estimate(tmpl, tmask, [it[5] for it in others], [it[6] for it in others], sp, sig)
+        out.append((case, mask, anomaly_finish(prep, recon, model, voxel_threshold=np.inf, normative=loo,
+                                               transform=tr)))
+    return out, estimate(tmpl, tmask, [it[5] for it in items], [it[6] for it in items], sp, sig)
 
 
 def write_calibration(calib: dict, dest_dir: Path) -> Path:
+    """``calibration.json`` (and ``normative.npz`` when the calibration made one) in ``dest_dir``."""
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
+    calib = dict(calib)
+    norm = calib.pop("normative", None)
+    if norm is not None:
+        norm.save(dest_dir)
     tmp = dest_dir / f".{CALIBRATION_FILE}.tmp"
     tmp.write_text(json.dumps(calib, indent=2) + "\n")
     tmp.replace(dest_dir / CALIBRATION_FILE)

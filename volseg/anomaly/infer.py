@@ -39,6 +39,7 @@ class AnomalyModel:
     device: object
     calibration: dict | None = None
     model_dir: Path | None = None
+    normative: object = None  # volseg.anomaly.normative.Normative when maps.normative is on
 
     @property
     def voxel_threshold(self) -> float | None:
@@ -95,18 +96,28 @@ def load_anomaly_model(model_dir: Path | str | None = None, device="cpu", cfg: A
                                f", weights {str(info.get('sha256'))[:12]}...); run 'volseg calibrate'")
     elif require_calibration:
         raise WeightsError(f"{model_dir}: no {CALIBRATION_FILE}; run 'volseg calibrate' first")
-    return AnomalyModel(net=net, info=info, cfg=cfg, device=device, calibration=calib, model_dir=model_dir)
+    normative = None
+    if cfg.maps.normative:
+        from volseg.anomaly.normative import NORMATIVE_FILE, Normative
+
+        normative = Normative.load(model_dir)
+        if normative is None and calib is not None:
+            raise WeightsError(f"{model_dir}: maps.normative is on but {NORMATIVE_FILE} is missing; "
+                               "run 'volseg calibrate' again")
+    return AnomalyModel(net=net, info=info, cfg=cfg, device=device, calibration=calib, model_dir=model_dir,
+                        normative=normative)
 
 
 def anomaly_volume(data: np.ndarray, brain_mask: np.ndarray, meta: ImageMeta, model: AnomalyModel,
                    cfg: AEConfig | None = None, n4: bool | None = None,
                    voxel_threshold: float | None = None) -> AnomalyResult:
     """Anomaly map, mask, reconstruction and scan score of one brain, on its native grid."""
-    from volseg.anomaly.train import reconstruct
+    from volseg.anomaly.recon import reconstruct
 
     prep = anomaly_prepare(data, brain_mask, meta, model, cfg, n4)
     t1 = time.perf_counter()
-    recon = reconstruct(model.net, prep.grid_image[0].numpy(), prep.grid_mask, model.device)
+    recon = reconstruct(model.net, prep.grid_image[0].numpy(), prep.grid_mask, model.device,
+                        passes=(cfg or model.cfg).maps.passes)
     return anomaly_finish(prep, recon, model, cfg, voxel_threshold, recon_s=time.perf_counter() - t1)
 
 
@@ -122,15 +133,26 @@ def anomaly_prepare(data: np.ndarray, brain_mask: np.ndarray, meta: ImageMeta, m
 
 
 def anomaly_finish(prep, recon: np.ndarray, model: AnomalyModel, cfg: AEConfig | None = None,
-                   voxel_threshold: float | None = None, recon_s: float = 0.0, batch: int = 1) -> AnomalyResult:
+                   voxel_threshold: float | None = None, recon_s: float = 0.0, batch: int = 1,
+                   normative=None, transform=None) -> AnomalyResult:
     """Map, mask and score of one prepared brain from its reconstruction on the working grid
-    (``recon_s``: its share of the network's time; ``batch``: how many brains shared the pass)."""
+    (``recon_s``: its share of the network's time; ``batch``: how many brains shared the pass).
+    With ``maps.normative`` the residual is put in units of the healthy spread at each template
+    location (``normative``: default the model's; ``transform``: a registration already made)."""
     cfg = cfg or model.cfg
     mc = cfg.maps
     t2 = time.perf_counter()
     g = prep.grid_image[0].numpy()
     erode = int(round(mc.erode_mm / cfg.preprocess.grid.spacing_mm))
-    gmap = residual_map(g, recon, prep.grid_mask, mc.residual, erode, mc.median_size)
+    normative = normative if normative is not None else model.normative
+    if mc.normative and normative is not None:
+        from volseg.anomaly.normative import normalise, signed_residual
+
+        mean, std = normative.on(g, prep.grid_mask, transform)
+        z = normalise(signed_residual(g, recon, mc.residual), mean, std)
+        gmap = residual_map(z, np.zeros_like(z), prep.grid_mask, "positive", erode, mc.median_size)
+    else:
+        gmap = residual_map(g, recon, prep.grid_mask, mc.residual, erode, mc.median_size)
     score = scan_score(gmap[prep.grid_mask], cfg.calibration.score_top_percent)
     t3 = time.perf_counter()
     mask = prep.mask

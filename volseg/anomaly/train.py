@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 from volseg.anomaly.config import AEConfig
 from volseg.anomaly.data import cached_brains, cached_synth_brains, cached_validation, load_npz
 from volseg.anomaly.lesions import corrupt_patch
-from volseg.anomaly.maps import brain_bbox, residual_map
+from volseg.anomaly.maps import residual_map
+from volseg.anomaly.recon import reconstruct, reconstruct_batch  # noqa: F401  (re-exported)
 from volseg.config import config_to_dict
 from volseg.device import autocast, grad_scaler, pin_memory
 from volseg.hpc import distributed as dist
@@ -128,36 +129,6 @@ def restoration_loss(pred, clean, corrupted, weight: float = 1.0):
     return (whole + weight * focus).mean()
 
 
-def reconstruct(net, image: np.ndarray, mask: np.ndarray, device, multiple: int = 16) -> np.ndarray:
-    """The network's reconstruction of a whole working-grid brain (on its bounding box)."""
-    return reconstruct_batch(net, [image], [mask], device, multiple)[0]
-
-
-def reconstruct_batch(net, images, masks, device, multiple: int = 16, batch_size: int | None = None) -> list:
-    """:func:`reconstruct` for several brains. Each brain is cut to its own bounding box (margin
-    4, a multiple of ``multiple``); brains whose boxes have the same shape go through the network
-    together, ``batch_size`` at a time (default: all of a shape at once). The autoencoder
-    normalises each sample on its own (instance norm), so a result does not depend on its batch."""
-    boxes = [brain_bbox(m, margin=4, multiple=multiple, shape=img.shape) for img, m in zip(images, masks)]
-    groups: dict[tuple, list[int]] = {}
-    for i, box in enumerate(boxes):
-        groups.setdefault(tuple(sl.stop - sl.start for sl in box), []).append(i)
-    out: list = [None] * len(images)
-    for idx in groups.values():
-        step = max(1, batch_size or len(idx))
-        for start in range(0, len(idx), step):
-            part = idx[start:start + step]
-            x = torch.stack([torch.from_numpy(np.ascontiguousarray(images[i][boxes[i]], dtype=np.float32))[None]
-                             for i in part]).to(device)
-            with torch.inference_mode():
-                y = net(x).float().cpu().numpy()
-            for k, i in enumerate(part):
-                recon = np.zeros(images[i].shape, dtype=np.float32)
-                recon[boxes[i]] = y[k, 0]
-                out[i] = recon
-    return out
-
-
 def _auprc(score: np.ndarray, truth: np.ndarray) -> float:
     from sklearn.metrics import average_precision_score
 
@@ -174,7 +145,7 @@ def validate(net, val: list[Path], cfg: AEConfig, device) -> dict:
     erode = int(round(mc.erode_mm / cfg.preprocess.grid.spacing_mm))
     for path in val:
         d = load_npz(path)
-        recon = reconstruct(net, d["image"], d["mask"], device)
+        recon = reconstruct(net, d["image"], d["mask"], device, passes=mc.passes)
         amap = residual_map(d["image"], recon, d["mask"], mc.residual, erode, mc.median_size)
         inside = d["mask"] > 0
         raw = np.abs(d["image"] - 1.0)  # the no-model baseline: distance from the white-matter level
