@@ -107,19 +107,22 @@ def _train_ae(args) -> int:
     from volseg.anomaly.config import load_ae_config
     from volseg.anomaly.train import train as train_ae
 
-    if args.init is None:
-        if args.config is None:
-            raise SystemExit("volseg train ae: give -c CONFIG (e.g. configs/ae.yaml), or --init MODEL to fine-tune")
-        if args.healthy:
-            raise SystemExit("volseg train ae: --healthy controls are for fine-tuning; give --init MODEL too")
-        cfg = load_ae_config(args.config)
-    else:
-        from volseg.anomaly.adapt import control_brains, finetune_config
+    if args.init is not None:
         from volseg.strip.model import PACKAGE_MODELS
 
         args.init = PACKAGE_MODELS / "ae" if args.init == "shipped" else Path(args.init)
-        if not args.healthy:
-            raise SystemExit("volseg train ae --init: give the site's healthy controls with --healthy")
+    if not args.healthy:
+        # a training run from a config; with --init its weights start from that model
+        if args.config is None:
+            raise SystemExit("volseg train ae: give -c CONFIG (e.g. configs/ae.yaml), or --init MODEL with the "
+                             "site's healthy controls (--healthy) to fine-tune")
+        cfg = load_ae_config(args.config)
+        steps = args.steps
+    else:
+        from volseg.anomaly.adapt import control_brains, finetune_config
+
+        if args.init is None:
+            raise SystemExit("volseg train ae: --healthy controls are for fine-tuning; give --init MODEL too")
         if args.output is None:
             raise SystemExit("volseg train ae --init: give -o DIR for the fine-tuned model")
         brains = control_brains(args.healthy, args.output / "controls", tuple(args.participant_label or ()),
@@ -127,9 +130,10 @@ def _train_ae(args) -> int:
         base = load_ae_config(args.config) if args.config else None
         cfg = finetune_config(args.init, brains, args.output, steps=args.steps or 300, lr=args.lr or 1e-4,
                               synth=args.synth, base=base)
-    summary = train_ae(cfg, resume=args.resume, max_steps=None if args.init else args.steps, init=args.init)
+        steps = None
+    summary = train_ae(cfg, resume=args.resume, max_steps=steps, init=args.init)
     if _rank0():
-        if args.init:
+        if args.healthy:
             print(f"fine-tuned {args.init} for {summary['steps']} steps on {len(cfg.data.healthy)} controls; "
                   f"model in {summary['out_dir']}/final (calibrate it: volseg calibrate --model "
                   f"{summary['out_dir']}/final CONTROLS -o DIR)")
@@ -224,10 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--healthy", nargs="+", default=None, metavar="INPUT",
                    help="healthy controls: brain-only images (or heads with --heads), folders, list files or a "
                         "BIDS dataset")
-    g.add_argument("--participant-label", nargs="+", default=None, metavar="LABEL",
-                   help="BIDS participants to use as controls")
-    g.add_argument("--heads", action="store_true", help="the controls are whole heads: skull-strip them first")
-    g.add_argument("--strip-model", type=Path, default=None, help="skull-strip model for --heads (default: shipped)")
+    from volseg.cli_anomaly import add_control_args
+
+    add_control_args(g)
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (fine-tuning: default 1e-4)")
     g.add_argument("--synth", type=int, default=0, metavar="N",
                    help="mix in N synthetic healthy brains (default 0: the controls only)")

@@ -126,6 +126,14 @@ def _suite(args, model) -> int:
     return 0
 
 
+def add_control_args(p) -> None:
+    """How healthy controls are chosen and read (``calibrate`` and ``train ae --init``)."""
+    p.add_argument("--participant-label", nargs="+", default=None, metavar="LABEL",
+                   help="BIDS participants to use as controls")
+    p.add_argument("--heads", action="store_true", help="the controls are whole heads: skull-strip them first")
+    p.add_argument("--strip-model", type=Path, default=None, help="skull-strip model for --heads (default: shipped)")
+
+
 def register(sub) -> None:
     """Add ``anomaly``, ``calibrate`` and ``evaluate`` to the ``volseg`` subparsers ``sub``."""
     p = sub.add_parser("anomaly", help="anomaly maps, masks and scan scores on each scan's own grid",
@@ -152,10 +160,7 @@ def register(sub) -> None:
     p.add_argument("healthy", nargs="*", metavar="INPUT",
                    help="healthy controls never used to train the model: brain-only images (mask: non-zero voxels "
                         "or a X_brainmask file beside), or heads with --heads; files, folders, list files or BIDS")
-    p.add_argument("--participant-label", nargs="+", default=None, metavar="LABEL",
-                   help="BIDS participants to use as controls")
-    p.add_argument("--heads", action="store_true", help="the controls are whole heads: skull-strip them first")
-    p.add_argument("--strip-model", type=Path, default=None, help="skull-strip model for --heads (default: shipped)")
+    add_control_args(p)
     p.add_argument("--synth", type=int, default=0, metavar="N", help="add N synthetic healthy brains")
     p.add_argument("--synth-seed", type=int, default=9000, help="seed of the synthetic brains (default 9000)")
     p.add_argument("--fpr", type=float, default=None, help="healthy voxel false-positive rate (config: 0.001)")

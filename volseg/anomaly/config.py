@@ -59,6 +59,7 @@ class AEAugmentConfig:
     gamma: float = 0.4
     bias: float = 0.3
     noise: float = 0.3
+    csf_grow: float = 0.0  # chance of widening the CSF spaces of a clean patch (healthy variation)
 
 
 @dataclass(frozen=True)

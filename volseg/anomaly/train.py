@@ -110,12 +110,32 @@ class PatchDataset(Dataset):
         clean = np.asarray(sample["image"][0], dtype=np.float32)
         m = np.asarray(sample["mask"][0]) > 0.5
         clean = np.where(m, clean, 0).astype(np.float32)
+        if rng.random() < cfg.augment.csf_grow:
+            clean = grow_csf(clean, m, rng)
         noisy, corrupted = corrupt_patch(clean, m, rng, cfg.corruption, cfg.preprocess.grid.spacing_mm)
         return noisy, clean, corrupted.astype(np.float32)
 
     def __getitem__(self, i: int):
         noisy, clean, weight = self.sample(i + self.start)
         return torch.from_numpy(noisy[None]), torch.from_numpy(clean[None]), torch.from_numpy(weight[None])
+
+
+def grow_csf(x: np.ndarray, mask: np.ndarray, rng, level: float = 0.35) -> np.ndarray:
+    """Healthy variation of CSF spaces (ventricles and sulci widen with age): the CSF (below
+    ``level`` x white matter, deeper than 6 voxels inside the brain: the ventricles) grown by 1-2 voxels, the new rim taking the CSF's
+    own intensity with a soft edge. A *clean* augmentation: the network must learn that wide
+    ventricles are normal, not fill them in."""
+    from scipy import ndimage as ndi
+
+    csf = mask & (x < level) & (x > 0) & (ndi.distance_transform_edt(mask) > 6)  # deep: the ventricles
+    if csf.sum() < 20:
+        return x
+    grown = ndi.binary_dilation(csf, iterations=int(rng.integers(1, 3))) & mask
+    rim = grown & ~csf
+    soft = ndi.gaussian_filter(grown.astype(np.float32), 0.7)
+    target = float(np.median(x[csf]))
+    out = np.where(rim | (soft > 0.5) & ~csf, x * (1 - soft) + target * soft, x)
+    return np.where(mask, out, 0.0).astype(np.float32)
 
 
 def restoration_loss(pred, clean, corrupted, weight: float = 1.0):

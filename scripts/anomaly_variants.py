@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Rank map settings of one trained anomaly model on the benchmark's cases, in one pass.
+
+Each case is prepared and reconstructed once; every variant (median filter size, erosion, network
+passes, normative residual) is then mapped from the same reconstruction and scored by pooled
+AUPRC and best Dice (optimistic) per group. Thresholds are not involved: this ranks settings
+before calibration.
+
+--on validation (the default, for *choosing* settings): lesion families in the validation brain
+healthy/T1_brain_c1 (other seeds than training's validation cases); normative statistics from
+--synth synthetic brains only (seeds 9000...), so the validation brain is in neither.
+--on test (for *reporting*, never for choosing): the benchmark's held-out brains and real lesions;
+normative statistics from T1_brain_c1 + the synthetic brains (the calibration set).
+
+    python scripts/anomaly_variants.py --model runs/ae/best [--on validation] [-o runs/variants]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+VARIANTS = {
+    "default": {},
+    "median3": {"median_size": 3},
+    "median3_erode2": {"median_size": 3, "erode_mm": 2.0},
+    "passes2": {"passes": 2},
+    "normative": {"normative": True},
+    "normative_median3": {"normative": True, "median_size": 3},
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("-o", "--output", type=Path, default=REPO / "runs" / "variants")
+    ap.add_argument("--per-family", type=int, default=2)
+    ap.add_argument("--synth", type=int, default=8, help="synthetic calibration brains for the normative statistics")
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--on", choices=["validation", "test"], default="validation")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    shared = Path(os.environ.get("VOLSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
+    import torch
+
+    torch.set_num_threads(2)
+    from anomaly_suite import strip_heads
+
+    from volseg.anomaly.benchmark import real_cases, synthetic_cases
+    from volseg.anomaly.data import synth_brain
+    from volseg.anomaly.evaluate import Case, calibrate
+    from volseg.anomaly.infer import anomaly_finish, anomaly_prepare, load_anomaly_model
+    from volseg.anomaly.metrics import voxel_metrics
+    from volseg.anomaly.recon import reconstruct
+    from volseg.synth.heads import cohort_seed
+
+    model = load_anomaly_model(args.model)
+    base = model.cfg
+    norm = None
+    if any(VARIANTS[v].get("normative") for v in args.variants):
+        model.cfg = dataclasses.replace(base, maps=dataclasses.replace(base.maps, normative=True))
+        cal = []
+        if args.on == "test":  # the calibration set: the real validation brain + synthetic brains
+            cal.append(Case("T1_brain_c1", image=str(shared / "healthy" / "T1_brain_c1.nii.gz")))
+        for i in range(args.synth):
+            s = cohort_seed(9000, i)
+            d, m, meta = synth_brain(s)
+            cal.append(Case(f"synth{s}", arrays=(d, m, None, meta)))
+        norm = calibrate(model, cal)["normative"]
+        model.cfg = base
+    if args.on == "validation":
+        brains, real = {"T1_brain_c1": shared / "healthy" / "T1_brain_c1.nii.gz"}, []
+    else:
+        brains, real = {"norm": shared / "healthy" / "norm.mgz"}, real_cases(shared)
+        for b in strip_heads([shared / "wholehead" / "nomask" / "chris_t1.nii.gz"],
+                             REPO / "runs" / "suite" / "stripped"):
+            brains[b.name.split("_desc")[0]] = b
+    cases = [c for bid, p in brains.items() for c in synthetic_cases(bid, str(p), per_family=args.per_family)
+             if c.group != "healthy"] + real
+    pooled: dict = {}
+    for case in cases:
+        data, mask, lesion, meta = case.load()
+        prep = anomaly_prepare(data, mask, meta, model)
+        g = prep.grid_image[0].numpy()
+        recons = {}
+        for name in args.variants:
+            v = VARIANTS[name]
+            passes = v.get("passes", base.maps.passes)
+            if passes not in recons:
+                recons[passes] = reconstruct(model.net, g, prep.grid_mask, model.device, passes=passes)
+            cfg = dataclasses.replace(base, maps=dataclasses.replace(base.maps, **v))
+            res = anomaly_finish(prep, recons[passes], model, cfg, voxel_threshold=np.inf,
+                                 normative=norm if v.get("normative") else None)
+            p = pooled.setdefault(case.group, {}).setdefault(name, ([], []))
+            p[0].append(res.map[mask].astype(np.float32)); p[1].append(lesion[mask])
+        logging.info("%s done", case.id)
+    table = {}
+    for group, vs in pooled.items():
+        table[group] = {}
+        for name, (s, t) in vs.items():
+            m = voxel_metrics(np.concatenate(s), np.concatenate(t))
+            table[group][name] = {"auprc": round(m["auprc"], 4), "best_dice": round(m["best_dice"], 4)}
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "variants.json").write_text(json.dumps(table, indent=2) + "\n")
+    lines = ["| group | " + " | ".join(args.variants) + " |", "|---" * (len(args.variants) + 1) + "|"]
+    for group, vs in table.items():
+        lines.append(f"| {group} | " + " | ".join(f"{vs[n]['auprc']:.3f} / {vs[n]['best_dice']:.3f}"
+                                                for n in args.variants) + " |")
+    means = {n: round(float(np.mean([table[g][n]["auprc"] for g in table])), 4) for n in args.variants}
+    lines.append("| mean AUPRC | " + " | ".join(f"{means[n]:.3f}" for n in args.variants) + " |")
+    text = (f"On {args.on} cases. AUPRC / best Dice (optimistic), pooled per group\n\n" + "\n".join(lines)
+            + f"\n\nhighest mean AUPRC: {max(means, key=means.get)}\n")
+    (args.output / "variants.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
