@@ -71,6 +71,9 @@ def test_config_file_loads_and_rejects_unknown_keys(tmp_path):
 
     cfg = load_ae_config("configs/ae.yaml")
     assert cfg.maps.median_size == 5 and cfg.net.channels[0] > 0
+    assert cfg.net.residual is True and cfg.corruption.log_contrast is True and cfg.augment.csf_grow == 0.0
+    stage2 = load_ae_config("configs/ae_stage2.yaml")  # the fine-tuning stage of the shipped model
+    assert stage2.net == cfg.net and stage2.augment.csf_grow == 0.4 and stage2.train.lr < cfg.train.lr
     bad = tmp_path / "bad.yaml"
     bad.write_text("maps:\n  residual: squared\n")
     with pytest.raises(ConfigError, match="maps.residual"):
