@@ -118,7 +118,8 @@ class Template:
     def on(self, fixed: np.ndarray, fixed_mask: np.ndarray) -> np.ndarray:
         from volseg.transforms.register import register_affine, warp
 
-        tr = register_affine(fixed, self.image, self.spacing, fixed_mask=fixed_mask)
+        # one thread: SimpleITK's sampled mutual information is repeatable only single-threaded
+        tr = register_affine(fixed, self.image, self.spacing, fixed_mask=fixed_mask, threads=1)
         return warp(self.image, tr, fixed.shape, self.spacing)
 
 
