@@ -138,7 +138,8 @@ def _normative_loo(model: AnomalyModel, cases: list[Case]):
     """(case, mask, result) per case with leave-one-out normative statistics, and the statistics
     of all cases."""
     from volseg.anomaly.infer import anomaly_finish, anomaly_prepare
-    from volseg.anomaly.normative import estimate, mni_template, signed_residual, to_template
+    from volseg.anomaly.maps import signed_residual
+    from volseg.anomaly.normative import estimate, mni_template, to_template
     from volseg.anomaly.recon import reconstruct
     from volseg.transforms.register import register_affine
 

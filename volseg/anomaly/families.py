@@ -29,6 +29,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+from volseg.anomaly.lesions import _random_rotation, _smooth_noise
+
 FAMILIES: dict[str, tuple[float, float]] = {
     "dark": (0.3, 0.5),
     "grey": (0.6, 0.8),
@@ -74,16 +76,6 @@ def tissue_sites(image: np.ndarray, mask: np.ndarray, zooms) -> dict[str, np.nda
     return sites
 
 
-def _smooth_noise(rng, shape, sigma_vox: float) -> np.ndarray:
-    n = ndi.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_vox, mode="wrap")
-    return n / max(float(n.std()), 1e-6)
-
-
-def _rotation(rng) -> np.ndarray:
-    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
-    return q * np.sign(np.diag(r))
-
-
 def lesion_alpha(shape, centre_vox, radius_mm: float, zooms, kind: str, rng, edge_mm: float = 1.5) -> np.ndarray:
     """Soft lesion occupancy in [0, 1] on a box of ``shape``: an ellipsoid (axes 0.6-1.0 x
     ``radius_mm``, random orientation) or a multi-lobed shape (2-4 overlapping ellipsoids,
@@ -108,7 +100,7 @@ def lesion_alpha(shape, centre_vox, radius_mm: float, zooms, kind: str, rng, edg
     # signed distance proxy: the smallest normalised radius over lobes (< 1 inside)
     rho = np.full(shape, np.inf, np.float32)
     for off, semi in lobes:
-        p = (pts - off.astype(np.float32)) @ _rotation(rng).T.astype(np.float32)
+        p = (pts - off.astype(np.float32)) @ _random_rotation(rng).T.astype(np.float32)
         rho = np.minimum(rho, np.sqrt(((p / semi.astype(np.float32)) ** 2).sum(-1)))
     rho = rho * (1.0 + warp_amp * _smooth_noise(rng, shape, max(1.0, radius_mm / 3 / float(zooms.mean()))))
     return np.clip((1.0 - rho) * radius_mm / max(edge_mm, 1e-3) + 0.5, 0.0, 1.0).astype(np.float32)

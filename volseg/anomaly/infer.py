@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from volseg.anomaly.config import AEConfig
-from volseg.anomaly.maps import remove_small, residual_map, scan_score
+from volseg.anomaly.maps import filter_map, remove_small, residual_map, scan_score, signed_residual
 from volseg.anomaly.prep import prepare_brain
 from volseg.errors import InputError
 from volseg.io import AtomicWriter, ImageMeta, load_image, scan_id
@@ -146,11 +146,11 @@ def anomaly_finish(prep, recon: np.ndarray, model: AnomalyModel, cfg: AEConfig |
     erode = int(round(mc.erode_mm / cfg.preprocess.grid.spacing_mm))
     normative = normative if normative is not None else model.normative
     if mc.normative and normative is not None:
-        from volseg.anomaly.normative import normalise, signed_residual
+        from volseg.anomaly.normative import normalise
 
         mean, std = normative.on(g, prep.grid_mask, transform)
         z = normalise(signed_residual(g, recon, mc.residual), mean, std)
-        gmap = residual_map(z, np.zeros_like(z), prep.grid_mask, "positive", erode, mc.median_size)
+        gmap = filter_map(z, prep.grid_mask, erode, mc.median_size)
     else:
         gmap = residual_map(g, recon, prep.grid_mask, mc.residual, erode, mc.median_size)
     score = scan_score(gmap[prep.grid_mask], cfg.calibration.score_top_percent)

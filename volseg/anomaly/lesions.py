@@ -131,7 +131,7 @@ def corrupt_patch(patch: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
         return x, weight
     n = int(rng.integers(1, cfg.max_blobs + 1))
     cand = np.argwhere(inside)
-    log_c = getattr(cfg, "log_contrast", False)
+    log_c = cfg.log_contrast
     for _ in range(n):
         semi_mm = rng.uniform(*cfg.radius_mm) * rng.uniform(0.6, 1.0, size=3)
         semi = semi_mm / spacing_mm
@@ -143,7 +143,7 @@ def corrupt_patch(patch: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
         shape = tuple(hi - lo)
         if min(shape) < 2:
             continue
-        if rng.random() < getattr(cfg, "noise_blob", 0.0):
+        if rng.random() < cfg.noise_blob:
             alpha = _noise_blob_alpha(shape, centre - lo, semi, rng)
         else:
             warp = 0.25 * rng.uniform() * _smooth_noise(rng, shape, max(1.0, semi.mean() / 2))
@@ -156,11 +156,11 @@ def corrupt_patch(patch: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
         factor = _contrast(rng, *(cfg.bright if bright else cfg.dark), log_c)
         tex = 1.0 + rng.uniform(0.0, 0.15) * _smooth_noise(rng, shape, rng.uniform(0.5, 2.0))
         u = rng.random()
-        if u < getattr(cfg, "foreign", 0.0):  # tissue from elsewhere: wrong anatomy for this place
+        if u < cfg.foreign:  # tissue from elsewhere: wrong anatomy for this place
             shift = [int(rng.integers(-s // 2, s // 2 + 1)) for s in x.shape]
             src = np.roll(x, shift, axis=(0, 1, 2))[::-1][box]
             new = src * rng.uniform(0.8, 1.25)
-        elif u < 0.5 + getattr(cfg, "foreign", 0.0) / 2:  # replace the tissue by a level relative to WM
+        elif u < 0.5 + cfg.foreign / 2:  # replace the tissue by a level relative to WM
             new = factor * tex
         else:  # scale the tissue that is there
             new = x[box] * factor * tex

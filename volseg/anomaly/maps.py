@@ -23,22 +23,22 @@ def brain_bbox(mask: np.ndarray, margin: int = 0, multiple: int = 1, shape=None)
     return tuple(out)
 
 
-def residual_map(x: np.ndarray, recon: np.ndarray, brain_mask: np.ndarray, residual: str = "abs",
-                 erode_vox: int = 2, median_size: int = 5) -> np.ndarray:
-    """The anomaly map on the working grid (float32, 0 outside the eroded brain).
+def signed_residual(x: np.ndarray, recon: np.ndarray, kind: str = "abs") -> np.ndarray:
+    """``"abs"`` |x - x̂|, ``"positive"`` max(x - x̂, 0) (brighter than expected), ``"negative"``
+    max(x̂ - x, 0) (darker than expected)."""
+    d = np.asarray(x, np.float32) - np.asarray(recon, np.float32)
+    if kind == "abs":
+        return np.abs(d)
+    if kind == "positive":
+        return np.maximum(d, 0)
+    if kind == "negative":
+        return np.maximum(-d, 0)
+    raise ValueError(f"residual must be abs, positive or negative, got {kind!r}")
 
-    ``residual``: ``"abs"`` |x - x̂|, ``"positive"`` max(x - x̂, 0) (brighter than expected),
-    ``"negative"`` max(x̂ - x, 0) (darker than expected).
-    """
-    diff = np.asarray(x, np.float32) - np.asarray(recon, np.float32)
-    if residual == "abs":
-        r = np.abs(diff)
-    elif residual == "positive":
-        r = np.maximum(diff, 0)
-    elif residual == "negative":
-        r = np.maximum(-diff, 0)
-    else:
-        raise ValueError(f"residual must be abs, positive or negative, got {residual!r}")
+
+def filter_map(r: np.ndarray, brain_mask: np.ndarray, erode_vox: int = 2, median_size: int = 5) -> np.ndarray:
+    """A voxel score on the working grid masked to the eroded brain and 3D median filtered
+    (float32, 0 outside the eroded brain)."""
     mask = np.asarray(brain_mask) > 0
     if erode_vox > 0:
         mask = ndi.binary_erosion(mask, iterations=int(erode_vox))
@@ -48,6 +48,12 @@ def residual_map(x: np.ndarray, recon: np.ndarray, brain_mask: np.ndarray, resid
         r[box] = ndi.median_filter(r[box], size=int(median_size), mode="constant")
         r = np.where(mask, r, 0.0).astype(np.float32)
     return r
+
+
+def residual_map(x: np.ndarray, recon: np.ndarray, brain_mask: np.ndarray, residual: str = "abs",
+                 erode_vox: int = 2, median_size: int = 5) -> np.ndarray:
+    """The anomaly map on the working grid: :func:`signed_residual` through :func:`filter_map`."""
+    return filter_map(signed_residual(x, recon, residual), brain_mask, erode_vox, median_size)
 
 
 def remove_small(mask: np.ndarray, min_voxels: int) -> np.ndarray:
@@ -71,4 +77,4 @@ def scan_score(values: np.ndarray, top_percent: float = 1.0) -> float:
     return float(np.partition(v, v.size - k)[v.size - k:].mean())
 
 
-__all__ = ["residual_map", "remove_small", "scan_score", "brain_bbox"]
+__all__ = ["residual_map", "signed_residual", "filter_map", "remove_small", "scan_score", "brain_bbox"]

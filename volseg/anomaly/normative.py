@@ -19,18 +19,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+
 NORMATIVE_FILE = "normative.npz"
-
-
-def signed_residual(x: np.ndarray, recon: np.ndarray, kind: str = "abs") -> np.ndarray:
-    d = np.asarray(x, np.float32) - np.asarray(recon, np.float32)
-    if kind == "abs":
-        return np.abs(d)
-    if kind == "positive":
-        return np.maximum(d, 0)
-    if kind == "negative":
-        return np.maximum(-d, 0)
-    raise ValueError(f"residual must be abs, positive or negative, got {kind!r}")
 
 
 @dataclass
@@ -102,8 +92,10 @@ def estimate(template: np.ndarray, template_mask: np.ndarray, residuals_in_templ
     var = np.where(ok, s2 / np.maximum(n, 1e-6) - mean ** 2, 0.0)
     std = np.sqrt(np.maximum(var, 0.0))
     inside = template_mask & ok
-    floor = 0.5 * float(np.median(std[inside])) if inside.any() else 1e-2
-    std = np.where(inside, np.maximum(std, floor), max(floor, float(np.median(std[inside])) if inside.any() else 1.0))
+    median = float(np.median(std[inside])) if inside.any() else None
+    floor = 0.5 * median if median is not None else 1e-2
+    outside = max(floor, median) if median is not None else 1.0
+    std = np.where(inside, np.maximum(std, floor), outside)
     return Normative(template=template, template_mask=template_mask, mean=mean.astype(np.float32),
                      std=std.astype(np.float32), spacing_mm=spacing_mm, brains=len(residuals_in_template))
 
@@ -120,4 +112,4 @@ def normalise(residual: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.nda
     return (np.maximum(residual - mean, 0.0) / std).astype(np.float32)
 
 
-__all__ = ["Normative", "NORMATIVE_FILE", "signed_residual", "mni_template", "estimate", "to_template", "normalise"]
+__all__ = ["Normative", "NORMATIVE_FILE", "mni_template", "estimate", "to_template", "normalise"]

@@ -30,7 +30,7 @@ from volseg.anomaly.config import AEConfig
 from volseg.anomaly.data import cached_brains, cached_synth_brains, cached_validation, load_npz
 from volseg.anomaly.lesions import corrupt_patch
 from volseg.anomaly.maps import residual_map
-from volseg.anomaly.recon import reconstruct, reconstruct_batch  # noqa: F401  (re-exported)
+from volseg.anomaly.recon import reconstruct
 from volseg.config import config_to_dict
 from volseg.device import autocast, grad_scaler, pin_memory
 from volseg.hpc import distributed as dist
@@ -298,4 +298,4 @@ def _train(cfg: AEConfig, ctx, resume, max_steps, progress, stop_after, init, t_
     return summary
 
 
-__all__ = ["train", "validate", "PatchDataset", "reconstruct", "reconstruct_batch", "restoration_loss", "patch_augmentation"]
+__all__ = ["train", "validate", "PatchDataset", "restoration_loss", "patch_augmentation"]

@@ -109,7 +109,7 @@ class ConvAutoencoder(nn.Module):
 def build_autoencoder(net_cfg) -> ConvAutoencoder:
     """Build from a :class:`volseg.anomaly.config.AENetConfig`."""
     return ConvAutoencoder(net_cfg.in_channels, net_cfg.channels, net_cfg.bottleneck, net_cfg.skips,
-                           net_cfg.skip_dropout, getattr(net_cfg, "residual", False))
+                           net_cfg.skip_dropout, net_cfg.residual)
 
 
 __all__ = ["ConvAutoencoder", "build_autoencoder"]
