@@ -31,7 +31,7 @@ def strip_heads(heads: list[Path], out_dir: Path) -> list[Path]:
     """Skull-strip healthy heads with the shipped strip model (once; reused if present)."""
     from volseg.strip.config import load_strip_config
     from volseg.strip.infer import strip_file
-    from volseg.strip.model import load_model
+    from volseg.nets.folder import load_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
     done, todo = [], []

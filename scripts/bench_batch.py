@@ -38,7 +38,7 @@ def main() -> int:
     from volseg.anomaly.recon import reconstruct_batch
     from volseg.device import pick_device
     from volseg.strip.infer import predict_grid_batch
-    from volseg.strip.model import load_model
+    from volseg.nets.folder import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto")

@@ -39,7 +39,7 @@ def measure_one(path: str, threads: int, tta: bool) -> dict:
     from volseg.strip.config import StripConfig
     from volseg.strip.data import find_pairs
     from volseg.strip.infer import strip_volume
-    from volseg.strip.model import load_model
+    from volseg.nets.folder import load_model
 
     net, _ = load_model(kind="strip")
     cfg = StripConfig()

@@ -105,7 +105,7 @@ def main() -> int:
     from volseg.strip.config import StripConfig
     from volseg.strip.data import find_pairs
     from volseg.strip.infer import strip_volume
-    from volseg.strip.model import load_model
+    from volseg.nets.folder import load_model
 
     shared = Path(os.environ.get("VOLSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
     scans = args.scans or [str(shared / "wholehead/colin27/ch2.nii.gz"),

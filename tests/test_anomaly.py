@@ -12,7 +12,7 @@ import torch
 from volseg.anomaly.config import AEConfig, load_ae_config
 from volseg.anomaly.maps import remove_small, residual_map, scan_score
 from volseg.anomaly.metrics import dice, scan_metrics, scan_threshold, voxel_metrics, voxel_threshold
-from volseg.strip.model import PACKAGE_MODELS, WeightsError
+from volseg.nets.folder import PACKAGE_MODELS, WeightsError
 
 SHIPPED = PACKAGE_MODELS / "ae"
 
@@ -46,7 +46,8 @@ def _tiny_cfg(tmp_path, **train):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A small random-weight autoencoder written like a shipped model, with a calibration."""
-    from volseg.anomaly.evaluate import Case, calibrate, write_calibration
+    from volseg.anomaly.evaluate import Case, calibrate
+    from volseg.nets.folder import write_calibration
     from volseg.anomaly.infer import load_anomaly_model
     from volseg.anomaly.train import export_weights
     from volseg.config import config_to_dict

@@ -106,7 +106,8 @@ def test_suite_scores_agree_with_sklearn_on_the_same_voxels(tmp_path, tiny_ae_mo
 @pytest.fixture(scope="module")
 def tiny_ae_model(tmp_path_factory):
     """A small random-weight residual autoencoder with its training settings and a calibration."""
-    from volseg.anomaly.evaluate import Case, calibrate, write_calibration
+    from volseg.anomaly.evaluate import Case, calibrate
+    from volseg.nets.folder import write_calibration
     from volseg.anomaly.infer import load_anomaly_model
     from volseg.anomaly.train import export_weights
     from volseg.config import config_from_dict, config_to_dict
@@ -216,7 +217,8 @@ def normative_model(tmp_path_factory, tiny_ae_model):
     """The tiny model with maps.normative on, calibrated (leave-one-out) on 3 synthetic brains."""
     import shutil
 
-    from volseg.anomaly.evaluate import Case, calibrate, write_calibration
+    from volseg.anomaly.evaluate import Case, calibrate
+    from volseg.nets.folder import write_calibration
     from volseg.anomaly.infer import load_anomaly_model
 
     d = tmp_path_factory.mktemp("normative") / "model"
@@ -254,7 +256,7 @@ def test_normative_statistics_are_written_and_shape_the_map(normative_model, tin
     assert res.map.shape == img.shape and (res.map[~mask] == 0).all()
     assert not np.allclose(res.map[mask], plain.map[mask])  # z units, not white-matter units
     # missing statistics for a calibrated normative model: refused, naming the file
-    from volseg.strip.model import WeightsError
+    from volseg.nets.folder import WeightsError
 
     (normative_model / NORMATIVE_FILE).rename(normative_model / "moved.npz")
     try:

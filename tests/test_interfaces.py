@@ -15,7 +15,7 @@ def test_workflow_runs_on_a_tiny_scan_and_matches_the_library(tmp_path, tiny_hea
     from volseg.cohort.stages import Context, compute_scan
     from volseg.interfaces import init_volseg_wf
     from volseg.strip.config import load_strip_config
-    from volseg.strip.model import load_model
+    from volseg.nets.folder import load_model
 
     cfg_path = tmp_path / "fast.yaml"
     cfg_path.write_text(FAST_YAML)

@@ -153,7 +153,7 @@ def test_anomaly_stage_wiring_with_a_stand_in_model(tmp_path, tiny_head):
     from volseg.cohort.stages import Context, compute_scan
     from volseg.config import config_from_dict
     from volseg.strip.config import StripConfig
-    from volseg.strip.model import load_model
+    from volseg.nets.folder import load_model
 
     def stand_in(native, mask, meta, model, cfg=None, n4=False):
         assert native.shape == mask.shape == tuple(meta.shape) and not n4

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from volseg.strip.config import AugmentConfig, DataConfig, NetConfig, StripConfig, TrainConfig
-from volseg.strip.model import PACKAGE_MODELS, WeightsError, load_model, write_model
+from volseg.nets.folder import PACKAGE_MODELS, WeightsError, load_model, write_model
 
 TINY_NET = NetConfig(channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
 NO_AUG = AugmentConfig(prob=0, flip_lr=0, bias=0, gamma=0, contrast=0, blur=0, noise=0,

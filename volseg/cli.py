@@ -108,7 +108,7 @@ def _train_ae(args) -> int:
     from volseg.anomaly.train import train as train_ae
 
     if args.init is not None:
-        from volseg.strip.model import PACKAGE_MODELS
+        from volseg.nets.folder import PACKAGE_MODELS
 
         args.init = PACKAGE_MODELS / "ae" if args.init == "shipped" else Path(args.init)
     if not args.healthy:
@@ -149,7 +149,7 @@ def cmd_strip(args) -> int:
     from volseg.runner import run_batch
     from volseg.strip.config import load_strip_config
     from volseg.strip.infer import strip_file
-    from volseg.strip.model import load_model
+    from volseg.nets.folder import load_model
 
     cfg = load_strip_config(args.config)
     check_writable_dir(args.output)

@@ -33,7 +33,7 @@ def cmd_anomaly(args) -> int:
     strip = None
     if not args.mask:
         from volseg.strip.config import load_strip_config
-        from volseg.strip.model import load_model
+        from volseg.nets.folder import load_model
 
         net, _ = load_model(args.strip_model, kind="strip", device=model.device)
         strip = (net, load_strip_config(None), model.device)
@@ -46,10 +46,11 @@ def cmd_anomaly(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from volseg.anomaly.adapt import control_brains, write_model_folder
+    from volseg.anomaly.adapt import control_brains
+    from volseg.nets.folder import copy_model_folder
     from volseg.anomaly.evaluate import Case, calibrate
     from volseg.io import scan_id
-    from volseg.strip.model import PACKAGE_MODELS
+    from volseg.nets.folder import PACKAGE_MODELS
 
     model = _model(args, require_calibration=False)
     dest = args.output
@@ -72,7 +73,7 @@ def cmd_calibrate(args) -> int:
     if not cases:
         raise SystemExit("volseg calibrate: give healthy brain images and/or --synth N")
     calib = calibrate(model, cases, fpr=args.fpr, percentile=args.percentile)
-    out = write_model_folder(model.model_dir, dest, calib)
+    out = copy_model_folder(model.model_dir, dest, calib)
     print(f"voxel threshold {calib['voxel_threshold']:.4f} (healthy FPR {calib['voxel_fpr']}), scan threshold "
           f"{calib['scan_threshold']:.4f} ({calib['scan_percentile']}th percentile of {len(cases)} healthy scans) "
           f"-> model folder {out}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import string
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,18 @@ CHOICES = {
     "io.nonfinite": ("zero", "error"),
     "maps.residual": ("abs", "positive", "negative"),
 }
+
+
+def shared_data_dir() -> Path:
+    """The shared real scans: ``$VOLSEG_SHARED_DATA``, by default ``../shared/data``."""
+    return Path(os.environ.get("VOLSEG_SHARED_DATA", "../shared/data"))
+
+
+def expand_path(spec: str) -> str:
+    """Expand ``${VOLSEG_SHARED_DATA}`` (default ``../shared/data``) and other variables."""
+    env = dict(os.environ)
+    env.setdefault("VOLSEG_SHARED_DATA", str(shared_data_dir()))
+    return string.Template(str(spec)).safe_substitute(env)
 
 
 def default_config_path() -> Path:

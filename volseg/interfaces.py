@@ -113,7 +113,7 @@ class Strip(SimpleInterface):
         from volseg.io import AtomicWriter, load_image, scan_id
         from volseg.preprocess import prepare
         from volseg.strip.config import load_strip_config
-        from volseg.strip.model import load_model
+        from volseg.nets.folder import load_model
 
         cfg = load_strip_config(_opt(self.inputs.config))
         device = pick_device(self.inputs.device)

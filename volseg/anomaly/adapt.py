@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,7 @@ def control_brains(inputs, out_dir, participants=(), heads: bool = False, strip_
         return [Path(s.path) for s in scans]
     from volseg.strip.config import load_strip_config
     from volseg.strip.infer import strip_file
-    from volseg.strip.model import load_model
+    from volseg.nets.folder import load_model
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,7 +62,7 @@ def finetune_config(init_dir, brains, out_dir, steps: int = 300, lr: float = 1e-
     model's settings."""
     from volseg.anomaly.config import AEConfig
     from volseg.config import config_from_dict
-    from volseg.strip.model import WeightsError
+    from volseg.nets.folder import WeightsError
 
     info_path = Path(init_dir) / "model.json"
     if base is None:
@@ -83,24 +82,4 @@ def finetune_config(init_dir, brains, out_dir, steps: int = 300, lr: float = 1e-
     return dataclasses.replace(base, data=data, train=train)
 
 
-def write_model_folder(src_dir, dest_dir, calibration: dict | None = None) -> Path:
-    """A complete model folder at ``dest_dir``: the weights and ``model.json`` of ``src_dir``
-    (copied unless it is the same folder), and ``calibration.json`` when given."""
-    from volseg.anomaly.evaluate import write_calibration
-
-    src, dest = Path(src_dir).resolve(), Path(dest_dir).resolve()
-    dest.mkdir(parents=True, exist_ok=True)
-    if src != dest:
-        info = json.loads((src / "model.json").read_text())
-        for name in (info.get("weights", "model.safetensors"), "model.json", "MODEL_CARD.md", "learning_curve.png",
-                     "normative.npz"):
-            if (src / name).exists():
-                tmp = dest / f".{name}.tmp"
-                shutil.copyfile(src / name, tmp)
-                tmp.replace(dest / name)
-    if calibration is not None:
-        write_calibration(calibration, dest)
-    return dest
-
-
-__all__ = ["control_brains", "finetune_config", "write_model_folder"]
+__all__ = ["control_brains", "finetune_config"]

@@ -5,16 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from volseg.config import Config
-
-
-@dataclass(frozen=True)
-class AENetConfig:
-    in_channels: int = 1
-    channels: tuple[int, ...] = (16, 32, 64, 128)
-    bottleneck: int = 64
-    skips: bool = True
-    skip_dropout: float = 0.0
-    residual: bool = False  # output = input + correction (residual learning)
+from volseg.nets.autoencoder import AENetConfig
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from volseg.io import ImageMeta, load_image
-from volseg.strip.data import expand_path
+from volseg.config import expand_path
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from volseg.anomaly.infer import CALIBRATION_FILE, AnomalyModel, anomaly_volume, load_brain_input
+from volseg.anomaly.infer import AnomalyModel, anomaly_volume, load_brain_input
 from volseg.anomaly.metrics import scan_metrics, scan_threshold, voxel_metrics, voxel_threshold
 from volseg.errors import InputError
 
@@ -48,7 +48,7 @@ class Case:
 def read_cases(csv_path) -> list[Case]:
     """A CSV with columns ``id,image,mask,lesion`` (mask and lesion may be empty; relative
     paths are taken from the CSV's folder)."""
-    from volseg.strip.data import expand_path
+    from volseg.config import expand_path
 
     csv_path = Path(csv_path)
     if not csv_path.exists():
@@ -94,7 +94,7 @@ def calibrate(model: AnomalyModel, cases: list[Case], fpr: float | None = None,
 
     With ``maps.normative`` on, the healthy residual statistics are estimated from the same
     cases first (returned under ``"normative"`` as a :class:`~volseg.anomaly.normative.Normative`,
-    for :func:`write_calibration`), and each case's map for the thresholds is made with the
+    for :func:`volseg.nets.folder.write_calibration`), and each case's map for the thresholds is made with the
     statistics of the *other* cases (leave one out), so that the thresholds see the spread of a
     brain the statistics never saw."""
     cc = model.cfg.calibration
@@ -166,20 +166,6 @@ def _normative_loo(model: AnomalyModel, cases: list[Case]):
         out.append((case, mask, anomaly_finish(prep, recon, model, voxel_threshold=np.inf, normative=loo,
                                                transform=tr)))
     return out, estimate(tmpl, tmask, [it[5] for it in items], [it[6] for it in items], sp, sig)
-
-
-def write_calibration(calib: dict, dest_dir: Path) -> Path:
-    """``calibration.json`` (and ``normative.npz`` when the calibration made one) in ``dest_dir``."""
-    dest_dir = Path(dest_dir)
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    calib = dict(calib)
-    norm = calib.pop("normative", None)
-    if norm is not None:
-        norm.save(dest_dir)
-    tmp = dest_dir / f".{CALIBRATION_FILE}.tmp"
-    tmp.write_text(json.dumps(calib, indent=2) + "\n")
-    tmp.replace(dest_dir / CALIBRATION_FILE)
-    return dest_dir / CALIBRATION_FILE
 
 
 def _panel(res, truth_native, png: Path, title: str) -> None:
@@ -268,4 +254,4 @@ def evaluate(model: AnomalyModel, cases: list[Case], out_dir, panels: bool = Tru
     return summary
 
 
-__all__ = ["Case", "read_cases", "lesion_cases", "calibrate", "write_calibration", "evaluate"]
+__all__ = ["Case", "read_cases", "lesion_cases", "calibrate", "evaluate"]

@@ -12,7 +12,6 @@ inside the brain on the 2 mm working grid (so it does not depend on the input's 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,6 @@ from volseg.io import AtomicWriter, ImageMeta, load_image, scan_id
 MAP_SUFFIX = "_desc-anomaly_map"
 MASK_SUFFIX = "_label-anomaly_mask"
 RECON_SUFFIX = "_desc-reconstruction_T1w"
-CALIBRATION_FILE = "calibration.json"
 
 
 @dataclass
@@ -77,25 +75,14 @@ class AnomalyResult:
 def load_anomaly_model(model_dir: Path | str | None = None, device="cpu", cfg: AEConfig | None = None,
                        require_calibration: bool = False) -> AnomalyModel:
     """The autoencoder (checked safetensors), its settings and its calibration, if any."""
-    from volseg.config import config_from_dict
-    from volseg.strip.model import PACKAGE_MODELS, WeightsError, load_model
+    from volseg.nets.folder import WeightsError, load_model, model_config, read_calibration
+    from volseg.nets.folder import model_dir as resolve
 
-    model_dir = Path(model_dir) if model_dir else PACKAGE_MODELS / "ae"
+    model_dir = resolve(model_dir, "ae")
     net, info = load_model(model_dir, kind="ae", device=device)
     if cfg is None:
-        cfg = config_from_dict(info.get("config") or {}, AEConfig, source=str(model_dir / "model.json"))
-    calib = None
-    cpath = model_dir / CALIBRATION_FILE
-    if cpath.exists():
-        try:
-            calib = json.loads(cpath.read_text())
-        except json.JSONDecodeError as exc:
-            raise WeightsError(f"{cpath}: not valid JSON ({exc})") from None
-        if calib.get("model_sha256") != info.get("sha256"):
-            raise WeightsError(f"{cpath}: calibrated for another model (sha256 {str(calib.get('model_sha256'))[:12]}..."
-                               f", weights {str(info.get('sha256'))[:12]}...); run 'volseg calibrate'")
-    elif require_calibration:
-        raise WeightsError(f"{model_dir}: no {CALIBRATION_FILE}; run 'volseg calibrate' first")
+        cfg = model_config(info, AEConfig, model_dir)
+    calib = read_calibration(model_dir, info, required=require_calibration)
     normative = None
     if cfg.maps.normative:
         from volseg.anomaly.normative import NORMATIVE_FILE, Normative

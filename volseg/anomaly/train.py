@@ -35,7 +35,7 @@ from volseg.config import config_to_dict
 from volseg.device import autocast, grad_scaler, pin_memory
 from volseg.hpc import distributed as dist
 from volseg.nets.autoencoder import build_autoencoder
-from volseg.strip.data import expand_path
+from volseg.config import expand_path
 from volseg.training import (append_row, load_checkpoint, one_cycle, plot_learning_curve, run_training,
                              save_checkpoint)
 
@@ -180,7 +180,7 @@ def validate(net, val: list[Path], cfg: AEConfig, device) -> dict:
 
 
 def export_weights(net, cfg: AEConfig, dest_dir: Path, extra: dict) -> Path:
-    from volseg.strip.model import write_model
+    from volseg.nets.folder import write_model
 
     return write_model(net, cfg.net, dest_dir, dict(extra, kind="ae"))
 
@@ -199,7 +199,7 @@ def init_weights(net, init: Path, cfg: AEConfig) -> dict:
     """Load a model folder's checked weights into ``net`` (same architecture); returns its info."""
     from volseg.config import config_from_dict
     from volseg.anomaly.config import AENetConfig
-    from volseg.strip.model import WeightsError, load_model
+    from volseg.nets.folder import WeightsError, load_model
 
     src, info = load_model(init, kind="ae", device="cpu")
     theirs = config_from_dict(info.get("net") or {}, AENetConfig, source=str(Path(init) / "model.json"))

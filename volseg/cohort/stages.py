@@ -135,7 +135,7 @@ def build_context(stages, cfg, device="cpu", tta=False, border_mm=None, figures=
                 "voxel_threshold": calib.get("voxel_threshold"), "scan_threshold": calib.get("scan_threshold"),
                 "maps": dataclasses.asdict(mcfg) if dataclasses.is_dataclass(mcfg) else None}
     if "strip" in ctx.stages:
-        from volseg.strip.model import load_model
+        from volseg.nets.folder import load_model
 
         ctx.strip_net, info = load_model(strip_model, kind="strip", device=device)
         ctx.models["strip"] = {"sha256": info.get("sha256"), "net": info.get("net")}

@@ -11,6 +11,7 @@ healthy detail sharp so that the residual shows what the network refused to repr
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,6 +26,18 @@ def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
         nn.InstanceNorm3d(cout, affine=True),
         nn.LeakyReLU(0.1, inplace=True),
     )
+
+
+@dataclass(frozen=True)
+class AENetConfig:
+    """The autoencoder's shape (``net:`` of ``configs/ae.yaml`` and of the model's ``model.json``)."""
+
+    in_channels: int = 1
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    bottleneck: int = 64
+    skips: bool = True
+    skip_dropout: float = 0.0
+    residual: bool = False  # output = input + correction (residual learning)
 
 
 class ConvAutoencoder(nn.Module):
@@ -107,9 +120,9 @@ class ConvAutoencoder(nn.Module):
 
 
 def build_autoencoder(net_cfg) -> ConvAutoencoder:
-    """Build from a :class:`volseg.anomaly.config.AENetConfig`."""
+    """Build from a :class:`AENetConfig`."""
     return ConvAutoencoder(net_cfg.in_channels, net_cfg.channels, net_cfg.bottleneck, net_cfg.skips,
                            net_cfg.skip_dropout, net_cfg.residual)
 
 
-__all__ = ["ConvAutoencoder", "build_autoencoder"]
+__all__ = ["AENetConfig", "ConvAutoencoder", "build_autoencoder"]

@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from monai.networks.nets import UNet
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """The strip U-Net's shape (``net:`` of ``configs/strip.yaml`` and of the model's ``model.json``)."""
+
+    in_channels: int = 1
+    out_channels: int = 1
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256)
+    strides: tuple[int, ...] = (2, 2, 2, 2)
+    num_res_units: int = 1
+    dropout: float = 0.0
 
 
 class ResidualUNet(UNet):
@@ -37,6 +50,9 @@ class ResidualUNet(UNet):
 
 
 def build_unet(net_cfg) -> ResidualUNet:
-    """Build from a :class:`volseg.strip.config.NetConfig`."""
+    """Build from a :class:`NetConfig`."""
     return ResidualUNet(3, net_cfg.in_channels, net_cfg.out_channels, net_cfg.channels,
                         net_cfg.strides, net_cfg.num_res_units, net_cfg.dropout)
+
+
+__all__ = ["NetConfig", "ResidualUNet", "build_unet"]

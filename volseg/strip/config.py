@@ -5,16 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from volseg.config import Config
-
-
-@dataclass(frozen=True)
-class NetConfig:
-    in_channels: int = 1
-    out_channels: int = 1
-    channels: tuple[int, ...] = (16, 32, 64, 128, 256)
-    strides: tuple[int, ...] = (2, 2, 2, 2)
-    num_res_units: int = 1
-    dropout: float = 0.0
+from volseg.nets.unet import NetConfig
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
-import os
-import string
 from pathlib import Path
 
 import numpy as np
@@ -29,18 +27,6 @@ def _strip_ext(name: str) -> tuple[str, str]:
         if name.lower().endswith(ext):
             return name[: -len(ext)], name[-len(ext):]
     return name, ""
-
-
-def shared_data_dir() -> Path:
-    """The shared real scans: ``$VOLSEG_SHARED_DATA``, by default ``../shared/data``."""
-    return Path(os.environ.get("VOLSEG_SHARED_DATA", "../shared/data"))
-
-
-def expand_path(spec: str) -> str:
-    """Expand ``${VOLSEG_SHARED_DATA}`` (default ``../shared/data``) and other variables."""
-    env = dict(os.environ)
-    env.setdefault("VOLSEG_SHARED_DATA", str(shared_data_dir()))
-    return string.Template(str(spec)).safe_substitute(env)
 
 
 def find_pairs(spec: str | Path, base: Path | None = None) -> list[tuple[Path, Path]]:

@@ -32,7 +32,8 @@ from volseg.strip.augment import seeded, train_augmentation
 from volseg.strip.config import StripConfig
 from volseg.training import (append_row, load_checkpoint, one_cycle, plot_learning_curve, run_training,
                              save_checkpoint)
-from volseg.strip.data import cached_real, cached_synth, expand_path, find_pairs, load_cached
+from volseg.config import expand_path
+from volseg.strip.data import cached_real, cached_synth, find_pairs, load_cached
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def validate(net, val: list[Path], device, spacing: float) -> dict:
 
 def export_weights(net, cfg: StripConfig, dest_dir: Path, extra: dict) -> Path:
     """Write ``model.safetensors`` and ``model.json`` (net config, sha256, metrics)."""
-    from volseg.strip.model import write_model
+    from volseg.nets.folder import write_model
 
     return write_model(net, cfg.net, dest_dir, extra)
 
