@@ -35,22 +35,22 @@ sys.path.insert(0, str(REPO))
 
 
 def metrics(pred, ref, zooms) -> dict:
-    import torch
-    from monai.metrics import compute_hausdorff_distance
+    """Dice, IoU and 95% Hausdorff (MONAI's, as in training's validation) and both volumes."""
+    from volseg.strip.train import mask_metrics
 
     p, r = pred > 0, ref > 0
-    inter = float((p & r).sum())
-    hd = compute_hausdorff_distance(torch.as_tensor(p[None, None]), torch.as_tensor(r[None, None]),
-                                    percentile=95, spacing=list(zooms))
+    m = mask_metrics(p, r, list(zooms))
     vox = float(np.prod(zooms)) / 1000
-    return {"dice": round(2 * inter / (p.sum() + r.sum()), 4), "iou": round(inter / float((p | r).sum()), 4),
-            "hd95_mm": round(float(hd.item()), 2), "vol_pred_ml": round(p.sum() * vox, 1),
+    return {"dice": round(m["dice"], 4), "iou": round(m["iou"], 4),
+            "hd95_mm": round(m["hd95_mm"], 2), "vol_pred_ml": round(p.sum() * vox, 1),
             "vol_ref_ml": round(r.sum() * vox, 1)}
 
 
 def rigid_dice(pred, ref, meta) -> float:
     """Dice after a rigid registration of the reference mask onto the predicted one."""
     import SimpleITK as sitk
+
+    from volseg.anomaly.metrics import dice  # MONAI's compute_dice
 
     def img(a):
         im = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(a > 0, (2, 1, 0))).astype(np.float32))
@@ -69,7 +69,7 @@ def rigid_dice(pred, ref, meta) -> float:
     tx = reg.Execute(fs, ms)
     moved = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, tx, sitk.sitkNearestNeighbor, 0)) > 0.5
     p = sitk.GetArrayFromImage(fixed) > 0.5
-    return round(2 * float((p & moved).sum()) / float(p.sum() + moved.sum()), 4)
+    return round(dice(p, moved), 4)
 
 
 def with_tumour(data, mask, meta, seed=7):

@@ -195,7 +195,7 @@ def test_calibration_and_metrics_agree_with_direct_computations():
     assert m["auprc"] == pytest.approx(average_precision_score(truth, s))
     assert m["dice"] == pytest.approx(2 * (truth & (s > 1.5)).sum() / (truth.sum() + (s > 1.5).sum()))
     brute = max(dice(s >= t, truth) for t in np.unique(s))
-    assert m["best_dice"] == pytest.approx(brute, rel=1e-9)
+    assert m["best_dice"] == pytest.approx(brute, rel=1e-6)  # dice: MONAI's compute_dice, in float32
 
     labels = [1, 1, 1, 0, 0, 0, 0, 1]
     sc = [0.9, 0.8, 0.2, 0.1, 0.3, 0.7, 0.05, 0.6]
@@ -317,7 +317,7 @@ def test_ae_training_under_torchrun_two_cpu_ranks_identical_weights(tmp_path):
     import yaml
 
     from volseg.config import config_to_dict
-    from volseg.hpc import distributed as dist
+    from volseg import distributed as dist
 
     import dataclasses
 

@@ -1,6 +1,6 @@
 """Distributed training: `volseg train strip` under torchrun with 2 CPU processes (gloo) ends
 with identical weights on both ranks, each rank having trained on its own samples, and only
-rank 0 writing; the helpers in volseg.hpc.distributed are no-ops for one process."""
+rank 0 writing; the helpers in volseg.distributed are no-ops for one process."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from volseg.config import Config, config_to_dict
-from volseg.hpc import distributed as dist
+from volseg import distributed as dist
 from volseg.strip.config import AugmentConfig, DataConfig, NetConfig, StripConfig, TrainConfig
 
 TINY_NET = NetConfig(channels=(4, 8, 16), strides=(2, 2), num_res_units=1)

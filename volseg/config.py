@@ -63,6 +63,26 @@ class Config:
     io: IOConfig = field(default_factory=IOConfig)
 
 
+@dataclass(frozen=True)
+class TrainBase:
+    """The ``train:`` settings every network's training shares (:func:`volseg.training.train_loop`).
+
+    Each network's config extends it with its own fields and defaults
+    (:class:`volseg.strip.config.TrainConfig`, :class:`volseg.anomaly.config.AETrainConfig`).
+    """
+
+    steps: int = 2000  # optimiser steps of the one-cycle schedule
+    steps_per_epoch: int = 200  # validation, checkpoint and log row every this many steps
+    batch_size: int = 1  # per process (under torchrun a step sees world_size x batch_size samples)
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 1e-5
+    seed: int = 0
+    threads: int = 2  # torch CPU threads
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # float16 autocast on CUDA
+    out_dir: str = "runs/train"
+
+
 CHOICES = {
     "n4.backend": ("simpleitk", "ants", "none"),
     "n4.mask": ("otsu", "none"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from volseg.config import Config
+from volseg.config import Config, TrainBase
 from volseg.nets.autoencoder import AENetConfig
 
 
@@ -54,18 +54,16 @@ class AEAugmentConfig:
 
 
 @dataclass(frozen=True)
-class AETrainConfig:
+class AETrainConfig(TrainBase):
+    """The shared training settings (:class:`~volseg.config.TrainBase`) with the anomaly
+    defaults, plus the training patch size."""
+
     steps: int = 2000
     steps_per_epoch: int = 200
     batch_size: int = 4
-    patch: tuple[int, int, int] = (64, 64, 64)
     lr: float = 1e-3
-    weight_decay: float = 1e-5
-    seed: int = 0
-    threads: int = 2
-    device: str = "auto"
-    amp: bool = True
     out_dir: str = "runs/ae"
+    patch: tuple[int, int, int] = (64, 64, 64)  # training patch (voxels of the working grid)
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,14 @@ def scan_threshold(healthy_scores, percentile: float = 95.0) -> float:
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    p, t = np.asarray(pred) > 0, np.asarray(truth) > 0
-    denom = int(p.sum()) + int(t.sum())
-    return 1.0 if denom == 0 else 2.0 * float((p & t).sum()) / denom
+    """Dice of two masks (non-zero = inside), MONAI's ``compute_dice``; both empty: 1.0, an
+    empty ``truth`` with a non-empty ``pred``: 0.0."""
+    import torch
+    from monai.metrics import compute_dice
+
+    p = torch.as_tensor(np.asarray(pred) > 0)[None, None]
+    t = torch.as_tensor(np.asarray(truth) > 0)[None, None]
+    return float(compute_dice(p, t, ignore_empty=False).item())
 
 
 def voxel_metrics(scores: np.ndarray, truth: np.ndarray, threshold: float | None = None) -> dict:

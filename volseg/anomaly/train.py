@@ -8,7 +8,9 @@ over the corrupted voxels alone, so that removing anomalies weighs as much as co
 tissue. Every epoch the
 whole-grid anomaly map of held-out brains with inserted lesions is scored by voxel AUPRC;
 the best epoch is exported (safetensors + JSON), ``last.pt`` is checkpointed (loadable with
-``weights_only=True``), ``log.csv`` and ``learning_curve.png`` are written.
+``weights_only=True``), ``log.csv`` and ``learning_curve.png`` are written. The loop is
+:func:`volseg.training.train_loop`; this module holds what is the autoencoder's own
+(:class:`AEHooks`).
 
 Under ``torchrun`` (``torchrun --nproc_per_node=N -m volseg train ae -c configs/ae.yaml``) the
 network is wrapped in DistributedDataParallel (NCCL on GPUs, gloo on CPUs), rank ``r`` of ``W``
@@ -17,27 +19,21 @@ takes samples ``r, r+W, ...`` and only rank 0 validates, checkpoints and writes.
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from volseg.anomaly.config import AEConfig
 from volseg.anomaly.data import cached_brains, cached_synth_brains, cached_validation, load_npz
 from volseg.anomaly.lesions import corrupt_patch
 from volseg.anomaly.maps import residual_map
 from volseg.anomaly.recon import reconstruct
-from volseg.config import config_to_dict
-from volseg.device import autocast, grad_scaler, pin_memory
-from volseg.hpc import distributed as dist
-from volseg.nets.autoencoder import build_autoencoder
 from volseg.config import expand_path
-from volseg.training import (append_row, load_checkpoint, one_cycle, plot_learning_curve, run_training,
-                             save_checkpoint)
+from volseg.nets.autoencoder import build_autoencoder
+from volseg.training import TrainHooks, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -185,16 +181,6 @@ def export_weights(net, cfg: AEConfig, dest_dir: Path, extra: dict) -> Path:
     return write_model(net, cfg.net, dest_dir, dict(extra, kind="ae"))
 
 
-def train(cfg: AEConfig, resume: Path | None = None, max_steps: int | None = None, progress: bool = True,
-          stop_after: int | None = None, init: Path | None = None) -> dict:
-    """Train; returns a summary (best validation AUPRC, steps, wall time, paths).
-
-    ``init``: a model folder whose weights start the training (fine-tuning); its network
-    settings must equal ``cfg.net``.
-    """
-    return run_training(_train, cfg, resume, max_steps, progress, stop_after, init)
-
-
 def init_weights(net, init: Path, cfg: AEConfig) -> dict:
     """Load a model folder's checked weights into ``net`` (same architecture); returns its info."""
     from volseg.config import config_from_dict
@@ -210,92 +196,66 @@ def init_weights(net, init: Path, cfg: AEConfig) -> dict:
     return info
 
 
-def _train(cfg: AEConfig, ctx, resume, max_steps, progress, stop_after, init, t_start) -> dict:
-    from tqdm import tqdm
+class AEHooks(TrainHooks):
+    """The anomaly autoencoder in :func:`volseg.training.train_loop`: corrupted healthy patches,
+    :func:`restoration_loss`, the best epoch by validation AUPRC; ``init``: a model folder whose
+    weights start the training (not read when resuming)."""
 
-    tc = cfg.train
-    device, main = ctx.device, ctx.is_main
-    out = Path(expand_path(tc.out_dir))
-    out.mkdir(parents=True, exist_ok=True)
-    cache = Path(expand_path(cfg.data.cache_dir))
-    val_specs = set(cfg.data.validation)
-    with dist.main_first():  # rank 0 fills the cache, the other ranks then read it
-        real = cached_brains([s for s in cfg.data.healthy if s not in val_specs], cfg, cache)
-        synth = cached_synth_brains(cfg.data.synth_count, cfg.data.synth_seed, cfg, cache) if cfg.data.synth_count else []
-        val = cached_validation(cfg.data.validation, cfg, cache)
-    log.info("%d real and %d synthetic healthy brains, %d validation brains", len(real), len(synth), len(val))
+    name, metric, columns, model_kind = "ae", "auprc", ("auprc", "l1"), "ae"
+    curve = {"losses": {"train_loss": "train loss", "val_l1": "val L1 (healthy voxels)"},
+             "metric_label": "val voxel AUPRC (grid)", "loss_label": "L1"}
 
-    net = build_autoencoder(cfg.net)
-    init_info = None
-    if init is not None and not resume:
-        init_info = init_weights(net, Path(init), cfg)
-        log.info("weights from %s (sha256 %s...)", init, str(init_info.get("sha256"))[:12])
-    net = net.to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    total = max_steps or tc.steps
-    sched = one_cycle(opt, tc.lr, total)
-    scaler = grad_scaler(device, tc.amp)
-    step, best, history = 0, -1.0, []
-    if resume:
-        step, best = load_checkpoint(resume, net, opt, sched, total, "best_auprc", device)
-        log.info("resumed from %s at step %d (best AUPRC %.4f)", resume, step, best)
-    init_ref = {"model_dir": str(init), "sha256": init_info.get("sha256")} if init_info else None
-    model = dist.wrap_model(net, ctx)  # DDP under torchrun, else net
+    def __init__(self, cfg: AEConfig, init: Path | None = None):
+        super().__init__(cfg)
+        self.init, self.init_ref = init, None
 
-    per_step = tc.batch_size * ctx.world_size
-    ds = PatchDataset(real, synth, cfg, length=(total - step) * per_step, start=step * per_step)
-    loader = DataLoader(ds, batch_size=tc.batch_size, shuffle=False, num_workers=1,
-                        sampler=dist.shard_sampler(ds, ctx), pin_memory=pin_memory(device),
-                        worker_init_fn=lambda _: torch.set_num_threads(1))
-    log_csv = out / "log.csv"
-    if main and (not log_csv.exists() or not resume):
-        log_csv.write_text("step,epoch,train_loss,val_auprc,val_l1,lr,seconds\n")
-    running, n_run = 0.0, 0
-    bar = tqdm(loader, total=total - step, desc="train ae", disable=not (progress and main))
-    for x, y, w in bar:
-        x, y, w = (t.to(device, non_blocking=True) for t in (x, y, w))
-        with autocast(device, tc.amp):
+    def prepare(self, ctx) -> None:
+        cfg = self.cfg
+        cache = Path(expand_path(cfg.data.cache_dir))
+        val_specs = set(cfg.data.validation)
+        self.real = cached_brains([s for s in cfg.data.healthy if s not in val_specs], cfg, cache)
+        self.synth = (cached_synth_brains(cfg.data.synth_count, cfg.data.synth_seed, cfg, cache)
+                      if cfg.data.synth_count else [])
+        self.val = cached_validation(cfg.data.validation, cfg, cache)
+        log.info("%d real and %d synthetic healthy brains, %d validation brains",
+                 len(self.real), len(self.synth), len(self.val))
+
+    def build_net(self):
+        net = build_autoencoder(self.cfg.net)
+        if self.init is not None:
+            info = init_weights(net, Path(self.init), self.cfg)
+            self.init_ref = {"model_dir": str(self.init), "sha256": info.get("sha256")}
+            log.info("weights from %s (sha256 %s...)", self.init, str(info.get("sha256"))[:12])
+        return net
+
+    def dataset(self, length: int, start: int):
+        return PatchDataset(self.real, self.synth, self.cfg, length=length, start=start)
+
+    def loss(self, model, batch, cast):
+        x, y, w = batch
+        with cast():
             pred = model(x)
-        loss = restoration_loss(pred.float(), y, w, cfg.corruption.weight)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
-        step += 1
-        running += float(loss.item()); n_run += 1
-        bar.set_postfix(loss=f"{running / n_run:.4f}")
-        if step % tc.steps_per_epoch == 0 or step == total:
-            train_loss = dist.all_reduce_mean(running / n_run)
-            running, n_run = 0.0, 0
-            if main:  # validates and writes while the other ranks wait at the barrier
-                v = validate(net, val, cfg, device)
-                row = [step, step // tc.steps_per_epoch, train_loss, v["auprc"], v["l1"],
-                       sched.get_last_lr()[0], round(time.perf_counter() - t_start, 1)]
-                append_row(log_csv, row)
-                history.append({"step": step, "loss": train_loss, **v})
-                log.info("step %d loss %.4f val AUPRC %.4f %s", step, train_loss, v["auprc"],
-                         {k: (round(m["auprc"], 4), round(m["auprc_raw"], 4)) for k, m in v["per_scan"].items()})
-                if not val or v["auprc"] > best:
-                    best = v["auprc"] if val else best
-                    export_weights(net, cfg, out / "best", {"step": step, "validation": v, "init": init_ref,
-                                                            "config": config_to_dict(cfg)})
-                save_checkpoint(out, net, opt, sched, step, total, "best_auprc", best)
-                plot_learning_curve(log_csv, out / "learning_curve.png",
-                                    {"train_loss": "train loss", "val_l1": "val L1 (healthy voxels)"},
-                                    "val_auprc", "val voxel AUPRC (grid)", loss_label="L1")
-            dist.barrier()
-        if stop_after is not None and step >= stop_after:
-            break
-    best = dist.broadcast_object(best)
-    if main and step >= total:
-        export_weights(net, cfg, out / "final", {"step": step, "validation": history[-1] if history else None,
-                                                 "init": init_ref, "config": config_to_dict(cfg)})
-    summary = {"steps": step, "best_val_auprc": best, "wall_s": round(time.perf_counter() - t_start, 1),
-               "out_dir": str(out), "history": history[-1:] if history else []}
-    if main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary
+        return restoration_loss(pred.float(), y, w, self.cfg.corruption.weight)
+
+    def validate(self, net, device) -> dict:
+        return validate(net, self.val, self.cfg, device)
+
+    def export_extra(self) -> dict:
+        return {"init": self.init_ref}
+
+    def per_scan(self, v: dict) -> dict:
+        return {k: (round(m["auprc"], 4), round(m["auprc_raw"], 4)) for k, m in v["per_scan"].items()}
 
 
-__all__ = ["train", "validate", "PatchDataset", "restoration_loss", "patch_augmentation"]
+def train(cfg: AEConfig, resume: Path | None = None, max_steps: int | None = None, progress: bool = True,
+          stop_after: int | None = None, init: Path | None = None) -> dict:
+    """Train; returns a summary (best validation AUPRC, steps, wall time, paths).
+
+    ``init``: a model folder whose weights start the training (fine-tuning); its network
+    settings must equal ``cfg.net``.
+    """
+    hooks = AEHooks(cfg, init=None if resume else init)
+    return train_loop(cfg, hooks, resume=resume, max_steps=max_steps, progress=progress, stop_after=stop_after)
+
+
+__all__ = ["train", "validate", "PatchDataset", "restoration_loss", "patch_augmentation", "AEHooks"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from volseg.config import Config
+from volseg.config import Config, TrainBase
 from volseg.nets.unet import NetConfig
 
 
@@ -37,19 +37,17 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(TrainBase):
+    """The shared training settings (:class:`~volseg.config.TrainBase`) with the strip defaults,
+    plus the weights of the Dice+focal loss."""
+
     steps: int = 3000
     steps_per_epoch: int = 150
     batch_size: int = 1
     lr: float = 2e-3
-    weight_decay: float = 1e-5
+    out_dir: str = "runs/strip"
     lambda_dice: float = 1.0
     lambda_focal: float = 1.0
-    seed: int = 0
-    threads: int = 2
-    device: str = "auto"
-    amp: bool = True
-    out_dir: str = "runs/strip"
 
 
 @dataclass(frozen=True)
