@@ -79,6 +79,16 @@ def test_mask_round_trip_keeps_dice_and_affine(seed, kind, zooms, tmp_path):
     assert np.allclose(np.asarray(back.affine), meta.affine, atol=1e-5)
     dice = _dice(back[0].numpy() > 0.5, ref)
     assert dice >= 0.97, f"{kind} {zooms}: round-trip Dice {dice:.4f}"
+    # the one fast inverse both networks use gives Invertd's values (only inside the grid's
+    # footprint, which is where Invertd's are not zero padding)
+    from volseg.transforms.functional import grid_to_native
+
+    fast = grid_to_native(on_grid[0].numpy(), grid_affine, meta.affine, meta.shape)
+    np.testing.assert_allclose(fast, back[0].numpy(), atol=1e-4)  # float32 rounding of the box offset
+    boxed = grid_to_native(on_grid[0].numpy(), grid_affine, meta.affine, meta.shape,
+                           box=(np.argwhere(ref).min(0) - 1, np.argwhere(ref).max(0) + 2))
+    inside = ref > 0
+    np.testing.assert_allclose(boxed[inside], back[0].numpy()[inside], atol=1e-4)
 
     # written outputs carry the input's affine and codes exactly
     out_meta = meta

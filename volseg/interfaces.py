@@ -64,16 +64,17 @@ class N4(SimpleInterface):
 
     def _run_interface(self, runtime):
         from volseg.io import AtomicWriter, load_image, scan_id
-        from volseg.preprocess import NATIVE_SUFFIX, prepare
+        from volseg.io.derivatives import save_output, sidecar
+        from volseg.preprocess import prepare
         from volseg.strip.config import load_strip_config
 
         cfg = load_strip_config(_opt(self.inputs.config))
         data, meta = load_image(self.inputs.in_file, nonfinite=cfg.preprocess.io.nonfinite)
         with _threads(self.inputs.num_threads):
             prep = prepare(data, meta, cfg.preprocess)
-        out = Path(runtime.cwd) / f"{scan_id(self.inputs.in_file)}{NATIVE_SUFFIX}.nii.gz"
         with AtomicWriter() as w:
-            w.save_image(prep.native, meta, out, kind="image")
+            out = save_output(w, runtime.cwd, "preproc", scan_id(self.inputs.in_file), prep.native, meta,
+                              sidecar("preproc", meta, cfg.preprocess, N4=prep.grid_image.meta.get("volseg_n4", {})))
         self._results["out_file"] = str(out)
         return runtime
 
@@ -82,7 +83,8 @@ class _StripInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="the scan (its intensities go into out_brain)")
     n4_file = File(exists=True, desc="the N4-corrected scan (N4's out_file); without it, N4 runs here")
     config = File(exists=True, desc="YAML settings in the configs/strip.yaml format")
-    model_dir = traits.Directory(exists=True, desc="strip model folder (default: the shipped model)")
+    strip_model = traits.Directory(exists=True, desc="strip model folder (default: the shipped model)")
+    model_dir = traits.Directory(exists=True, desc="same as strip_model (kept for older workflows)")
     tta = traits.Bool(False, usedefault=True, desc="average with a left-right flipped prediction")
     border_mm = traits.Float(desc="grow (>0) or shrink (<0) the mask by this many mm")
     device = traits.Str("cpu", usedefault=True, desc="auto, cpu or cuda")
@@ -106,18 +108,20 @@ class Strip(SimpleInterface):
 
         import numpy as np
 
-        from volseg.cohort.export import SUFFIXES
         from volseg.cohort.stages import strip_prepared
         from volseg.device import pick_device
         from volseg.errors import InputError
         from volseg.io import AtomicWriter, load_image, scan_id
+        from volseg.io.derivatives import save_output, sidecar
+        from volseg.nets.folder import load_model
         from volseg.preprocess import prepare
         from volseg.strip.config import load_strip_config
-        from volseg.nets.folder import load_model
+        from volseg.strip.infer import for_model
 
-        cfg = load_strip_config(_opt(self.inputs.config))
         device = pick_device(self.inputs.device)
-        net, _ = load_model(_opt(self.inputs.model_dir), kind="strip", device=device)
+        net, info = load_model(_opt(self.inputs.strip_model, _opt(self.inputs.model_dir)), kind="strip",
+                               device=device)
+        cfg = for_model(load_strip_config(_opt(self.inputs.config)), net)
         data, meta = load_image(self.inputs.in_file, nonfinite=cfg.preprocess.io.nonfinite)
         pcfg, source = cfg.preprocess, data
         if isdefined(self.inputs.n4_file):  # already corrected: no second N4
@@ -131,19 +135,21 @@ class Strip(SimpleInterface):
         if not mask.any():
             raise InputError(self.inputs.in_file, "no brain found (the predicted mask is empty)")
         sid = scan_id(self.inputs.in_file)
-        out_mask = Path(runtime.cwd) / f"{sid}{SUFFIXES['mask'][0]}.nii.gz"
-        out_brain = Path(runtime.cwd) / f"{sid}{SUFFIXES['brain'][0]}.nii.gz"
+        vol = float(mask.sum()) * float(np.prod(meta.zooms)) / 1000.0
+        model = {"sha256": info.get("sha256"), "net": info.get("net")}
         with AtomicWriter() as w:
-            w.save_image(mask, meta, out_mask, kind="mask")
-            w.save_image(np.where(mask > 0, data, 0), meta, out_brain, kind="source")
-        self._results.update(out_mask=str(out_mask), out_brain=str(out_brain),
-                             brain_volume_ml=float(mask.sum()) * float(np.prod(meta.zooms)) / 1000.0)
+            out_mask = save_output(w, runtime.cwd, "mask", sid, mask, meta,
+                                   sidecar("mask", meta, cfg.preprocess, Model=model, BrainVolume_mL=round(vol, 2)))
+            out_brain = save_output(w, runtime.cwd, "brain", sid, np.where(mask > 0, data, 0), meta,
+                                    sidecar("brain", meta, cfg.preprocess, Model=model))
+        self._results.update(out_mask=str(out_mask), out_brain=str(out_brain), brain_volume_ml=vol)
         return runtime
 
 
 class _AnomalyInputSpec(BaseInterfaceInputSpec):
     n4_file = File(exists=True, mandatory=True, desc="N4-corrected scan (N4's out_file)")
     mask_file = File(exists=True, mandatory=True, desc="brain mask on the same grid (Strip's out_mask)")
+    anomaly_model = traits.Directory(exists=True, desc="anomaly model folder (default: the shipped model)")
     device = traits.Str("cpu", usedefault=True, desc="auto, cpu or cuda")
     num_threads = traits.Int(0, usedefault=True, desc="CPU threads (0: the libraries' own)")
 
@@ -164,13 +170,13 @@ class Anomaly(SimpleInterface):
     def _run_interface(self, runtime):
         import numpy as np
 
-        from volseg.cohort.export import SUFFIXES
         from volseg.cohort.stages import StageError, anomaly_available
         from volseg.device import pick_device
         from volseg.io import AtomicWriter, load_image, scan_id
+        from volseg.io.derivatives import save_output, sidecar
 
         device = pick_device(self.inputs.device)
-        _, fn, model = anomaly_available(device)
+        _, fn, model = anomaly_available(device, _opt(self.inputs.anomaly_model))
         if fn is None:
             raise StageError(f"the anomaly stage is not available: {model}")
         data, meta = load_image(self.inputs.n4_file)
@@ -178,18 +184,20 @@ class Anomaly(SimpleInterface):
         with _threads(self.inputs.num_threads):
             res = fn(data, (mask > 0).astype(np.uint8), meta, model, cfg=None, n4=False)
         sid = scan_id(self.inputs.n4_file).removesuffix("_desc-preproc")
-        out_map = Path(runtime.cwd) / f"{sid}{SUFFIXES['anomaly_map'][0]}.nii.gz"
-        out_mask = Path(runtime.cwd) / f"{sid}{SUFFIXES['anomaly_mask'][0]}.nii.gz"
+        common = dict(res.info, Timings=res.timings)
         with AtomicWriter() as w:
-            w.save_image(np.asarray(res.map, dtype=np.float32), meta, out_map, kind="map")
-            w.save_image(np.asarray(res.mask), meta, out_mask, kind="mask")
+            out_map = save_output(w, runtime.cwd, "anomaly_map", sid, res.map, meta,
+                                  sidecar("anomaly_map", meta, model.cfg.preprocess, [self.inputs.mask_file], **common))
+            out_mask = save_output(w, runtime.cwd, "anomaly_mask", sid, res.mask, meta,
+                                   sidecar("anomaly_mask", meta, model.cfg.preprocess, **common))
         self._results.update(out_map=str(out_map), out_mask=str(out_mask), score=float(res.score),
                              flag=bool(res.flag))
         return runtime
 
 
 def init_volseg_wf(name: str = "volseg_wf", omp_nthreads: int = 1, mem_gb: float = 3.0,
-                   stages=None, config=None, model_dir=None, device: str = "cpu"):
+                   stages=None, config=None, strip_model=None, anomaly_model=None, device: str = "cpu",
+                   model_dir=None):
     """A nipype workflow ``inputnode.in_file`` -> N4 -> Strip -> Anomaly -> ``outputnode``.
 
     ``stages``: a subset of ``("n4", "strip", "anomaly")``; None takes all that are available
@@ -197,6 +205,8 @@ def init_volseg_wf(name: str = "volseg_wf", omp_nthreads: int = 1, mem_gb: float
     ``omp_nthreads`` threads and declares ``mem_gb`` for nipype's resource scheduler.
     ``outputnode`` fields: ``preproc``, ``mask``, ``brain``, ``brain_volume_ml``, ``anomaly_map``, ``anomaly_mask``,
     ``anomaly_score``, ``anomaly_flag`` (those of stages not run stay undefined).
+    ``strip_model``/``anomaly_model``: model folders (default: the shipped models; ``model_dir``
+    is the older name of ``strip_model``).
     """
     import logging
 
@@ -207,9 +217,9 @@ def init_volseg_wf(name: str = "volseg_wf", omp_nthreads: int = 1, mem_gb: float
 
     if stages is None:
         stages = ALL_STAGES
-        if anomaly_available(device)[1] is None:
-            logging.getLogger("volseg").warning("init_volseg_wf: anomaly stage left out (%s)",
-                                                anomaly_available(device)[2])
+        reason = anomaly_available(device, anomaly_model)[2]
+        if not hasattr(reason, "net"):
+            logging.getLogger("volseg").warning("init_volseg_wf: anomaly stage left out (%s)", reason)
             stages = ("n4", "strip")
     stages = tuple(stages)
     unknown = set(stages) - set(ALL_STAGES)
@@ -231,7 +241,8 @@ def init_volseg_wf(name: str = "volseg_wf", omp_nthreads: int = 1, mem_gb: float
         wf.connect([(inputnode, n4, [("in_file", "in_file")]),
                     (n4, outputnode, [("out_file", "preproc")])])
     if "strip" in stages:
-        extra = {"model_dir": str(model_dir)} if model_dir else {}
+        strip_model = strip_model or model_dir
+        extra = {"strip_model": str(strip_model)} if strip_model else {}
         strip = pe.Node(Strip(num_threads=omp_nthreads, device=device, **cfg, **extra),
                         name="strip", **common)
         wf.connect([(inputnode, strip, [("in_file", "in_file")]),
@@ -240,7 +251,8 @@ def init_volseg_wf(name: str = "volseg_wf", omp_nthreads: int = 1, mem_gb: float
         if n4 is not None:
             wf.connect(n4, "out_file", strip, "n4_file")
     if "anomaly" in stages:
-        anomaly = pe.Node(Anomaly(num_threads=omp_nthreads, device=device), name="anomaly", **common)
+        extra = {"anomaly_model": str(anomaly_model)} if anomaly_model else {}
+        anomaly = pe.Node(Anomaly(num_threads=omp_nthreads, device=device, **extra), name="anomaly", **common)
         wf.connect([(n4, anomaly, [("out_file", "n4_file")]),
                     (strip, anomaly, [("out_mask", "mask_file")]),
                     (anomaly, outputnode, [("out_map", "anomaly_map"), ("out_mask", "anomaly_mask"),

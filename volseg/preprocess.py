@@ -22,8 +22,6 @@ from volseg import __version__
 from volseg.config import Config, config_to_dict
 from volseg.io import AtomicWriter, ImageMeta, load_image, scan_id
 
-NATIVE_SUFFIX = "_desc-preproc_T1w"
-GRID_SUFFIX = "_space-volseg_res-2_desc-preproc_T1w"
 
 
 @dataclass
@@ -81,34 +79,23 @@ def grid_nifti(tensor):
     return img
 
 
-def provenance(meta: ImageMeta, cfg: Config, **extra) -> dict:
-    info = {
-        "Sources": [str(Path(meta.path).resolve())],
-        "GeneratedBy": [{"Name": "volseg", "Version": __version__}],
-        "Input": meta.summary(),
-        "Config": config_to_dict(cfg),
-    }
-    info.update(extra)
-    return info
-
-
 def preprocess_file(path: str, out_dir: str | Path, cfg: Config) -> dict[str, Path]:
     """Preprocess one scan into ``out_dir``; all files appear together or none do."""
     t0 = time.perf_counter()
     data, meta = load_image(path, nonfinite=cfg.io.nonfinite)
     prep = prepare(data, meta, cfg)
+    from volseg.io.derivatives import output_path, save_output, sidecar, sidecar_path
+
     sid = scan_id(path)
-    out = Path(out_dir)
     n4_info = prep.grid_image.meta.get("volseg_n4", {})
     grid_info = prep.grid_image.meta.get("volseg_grid", {})
     timings = dict(prep.timings, total_s=round(time.perf_counter() - t0, 3))
     with AtomicWriter() as w:
-        native_path = w.save_image(prep.native, meta, out / f"{sid}{NATIVE_SUFFIX}.nii.gz", kind="image")
-        w.save_json(provenance(meta, cfg, SkullStripped=False, N4=n4_info, Grid=grid_info,
-                               Timings=timings), out / f"{sid}{NATIVE_SUFFIX}.json")
-        grid_path = w.save_nifti(grid_nifti(prep.grid_image), out / f"{sid}{GRID_SUFFIX}.nii.gz")
-        w.save_json(provenance(meta, cfg, SkullStripped=False, N4=n4_info, Grid=grid_info,
-                               Space="volseg: RAS, 2 mm, 96x128x160, head-centred",
-                               IntensityNormalisation=config_to_dict(cfg.intensity),
-                               Timings=timings), out / f"{sid}{GRID_SUFFIX}.json")
+        native_path = save_output(w, out_dir, "preproc", sid, prep.native, meta,
+                                  sidecar("preproc", meta, cfg, N4=n4_info, Grid=grid_info, Timings=timings))
+        grid_path = w.save_nifti(grid_nifti(prep.grid_image), output_path(out_dir, "grid", sid))
+        w.save_json(sidecar("grid", meta, cfg, N4=n4_info, Grid=grid_info,
+                            Space="volseg: RAS, 2 mm, 96x128x160, head-centred",
+                            IntensityNormalisation=config_to_dict(cfg.intensity), Timings=timings),
+                    sidecar_path(grid_path))
     return {"native": native_path, "grid": grid_path}

@@ -24,9 +24,6 @@ from volseg.anomaly.prep import prepare_brain
 from volseg.errors import InputError
 from volseg.io import AtomicWriter, ImageMeta, load_image, scan_id
 
-MAP_SUFFIX = "_desc-anomaly_map"
-MASK_SUFFIX = "_label-anomaly_mask"
-RECON_SUFFIX = "_desc-reconstruction_T1w"
 
 
 @dataclass
@@ -188,25 +185,17 @@ def load_brain_input(path, mask_path=None) -> tuple[np.ndarray, np.ndarray, Imag
 def write_anomaly(res: AnomalyResult, meta: ImageMeta, out_dir, sid: str, cfg: AEConfig, sources=(),
                   extra=None) -> dict:
     """Write the map, mask and reconstruction (+ JSON sidecars) atomically."""
-    from volseg.preprocess import provenance
+    from volseg.io.derivatives import save_output, sidecar
 
-    out = Path(out_dir)
     vox_ml = float(np.prod(meta.zooms)) / 1000.0
-    common = provenance(meta, cfg.preprocess, **res.info, Timings=res.timings, **(extra or {}))
-    common["Sources"] = [str(Path(s).resolve()) for s in sources] or common["Sources"]
-    common["AnomalousVolume_mL"] = round(float(res.mask.sum()) * vox_ml, 3)
+    sources = [str(Path(s).resolve()) for s in sources][1:]  # the first is the input scan itself
+    common = dict(res.info, Timings=res.timings, **(extra or {}),
+                  AnomalousVolume_mL=round(float(res.mask.sum()) * vox_ml, 3))
     with AtomicWriter() as w:
-        paths = {
-            "map": w.save_image(res.map, meta, out / f"{sid}{MAP_SUFFIX}.nii.gz", kind="map"),
-            "mask": w.save_image(res.mask, meta, out / f"{sid}{MASK_SUFFIX}.nii.gz", kind="mask"),
-            "recon": w.save_image(res.recon, meta, out / f"{sid}{RECON_SUFFIX}.nii.gz", kind="image"),
-        }
-        w.save_json(dict(common, Description="3D-median-filtered autoencoder residual in white-matter units; "
-                                             "0 outside the brain"), out / f"{sid}{MAP_SUFFIX}.json")
-        w.save_json(dict(common, Description="anomaly map above the calibrated voxel threshold"),
-                    out / f"{sid}{MASK_SUFFIX}.json")
-        w.save_json(dict(common, SkullStripped=True, Description="autoencoder reconstruction of the brain"),
-                    out / f"{sid}{RECON_SUFFIX}.json")
+        paths = {key: save_output(w, out_dir, name, sid, arr, meta, sidecar(name, meta, cfg.preprocess, sources,
+                                                                            **common))
+                 for key, name, arr in (("map", "anomaly_map", res.map), ("mask", "anomaly_mask", res.mask),
+                                        ("recon", "reconstruction", res.recon))}
     return paths
 
 
@@ -235,4 +224,4 @@ def anomaly_file(path, out_dir, model: AnomalyModel, mask_path=None, strip=None)
 
 __all__ = ["AnomalyModel", "AnomalyResult", "load_anomaly_model", "anomaly_volume", "anomaly_prepare",
            "anomaly_finish", "anomaly_file",
-           "write_anomaly", "load_brain_input", "MAP_SUFFIX", "MASK_SUFFIX", "RECON_SUFFIX"]
+           "write_anomaly", "load_brain_input"]

@@ -65,22 +65,11 @@ class BrainPrepared:
         """A working-grid array back on the native grid (the input's shape), 0 outside the
         brain's bounding box: only that box is resampled (one trilinear resampling from the
         grid's affine to the native voxels, as the chain's inverse would do, on fewer voxels)."""
-        import torch
-        from monai.data import MetaTensor
-        from monai.transforms import SpatialResample
+        from volseg.transforms.functional import grid_to_native
 
         idx = np.argwhere(self.mask)
-        lo = np.maximum(idx.min(0) - 1, 0)
-        hi = np.minimum(idx.max(0) + 2, self.mask.shape)
-        sub_affine = np.asarray(self.meta.affine, dtype=np.float64).copy()
-        sub_affine[:3, 3] = sub_affine[:3, :3] @ lo + sub_affine[:3, 3]
-        src = MetaTensor(torch.as_tensor(np.asarray(grid_map, dtype=np.float32)[None]),
-                         affine=torch.as_tensor(np.asarray(self.grid_image.affine, dtype=np.float64)))
-        sub = SpatialResample(mode=mode, padding_mode="zeros", dtype=torch.float32)(
-            src, dst_affine=torch.as_tensor(sub_affine), spatial_size=tuple(int(v) for v in hi - lo))
-        native = np.zeros(self.mask.shape, np.float32)
-        native[tuple(slice(a, b) for a, b in zip(lo, hi))] = sub[0].detach().cpu().numpy()
-        return native
+        box = (idx.min(0) - 1, idx.max(0) + 2)
+        return grid_to_native(grid_map, self.grid_image.affine, self.meta.affine, self.mask.shape, box, mode)
 
 
 def check_brain_mask(mask: np.ndarray, data: np.ndarray, path) -> np.ndarray:

@@ -21,18 +21,12 @@ import numpy as np
 
 from volseg import __version__
 from volseg.io import AtomicWriter
+from volseg.io import derivatives as D
+from volseg.io.derivatives import OUTPUTS, sidecar_path
 
 log = logging.getLogger("volseg")
 
 STATE_DIR = ".volseg"
-SUFFIXES = {  # output key -> (file suffix, stage that writes it)
-    "preproc": ("_desc-preproc_T1w", "n4"),
-    "mask": ("_desc-brain_mask", "strip"),
-    "brain": ("_desc-brain_T1w", "strip"),
-    "anomaly_map": ("_desc-anomaly_map", "anomaly"),
-    "anomaly_mask": ("_label-anomaly_mask", "anomaly"),
-}
-FIGURES = {"mask": "_desc-brain_mask", "anomaly": "_desc-anomaly_map"}
 
 
 class _Writer(AtomicWriter):
@@ -48,20 +42,15 @@ def record_path(out: Path, scan) -> Path:
 
 def output_paths(out: Path, scan, stages) -> dict[str, Path]:
     """Images written for ``stages`` (by key); sidecars are the same names with ``.json``."""
-    anat = Path(out) / scan.rel_dir
-    return {k: anat / f"{scan.prefix}{suf}.nii.gz" for k, (suf, st) in SUFFIXES.items() if st in stages}
+    keys = [k for k, o in OUTPUTS.items() if o.stage is not None and o.stage in stages]
+    return D.output_paths(out, scan.prefix, keys, tree=True)
 
 
 def figure_paths(out: Path, scan, stages, figures: bool = True) -> dict[str, Path]:
     if not figures:
         return {}
-    figs = Path(out) / scan.figures_dir
     keys = ["mask"] + (["anomaly"] if "anomaly" in stages else [])
-    return {k: figs / f"{scan.prefix}{FIGURES[k]}.png" for k in keys}
-
-
-def sidecar(path: Path) -> Path:
-    return path.with_name(path.name[: -len(".nii.gz")] + ".json")
+    return {k: D.figure_path(out, k, scan.prefix) for k in keys}
 
 
 def input_stamp(path: str) -> dict | None:
@@ -91,9 +80,9 @@ def is_complete(out: Path, scan, fingerprint: str) -> bool:
 
 
 def _all_known_files(out: Path, scan) -> list[Path]:
-    imgs = output_paths(out, scan, {st for _, st in SUFFIXES.values()})
+    imgs = output_paths(out, scan, {o.stage for o in OUTPUTS.values()})
     figs = figure_paths(out, scan, ("anomaly",))
-    return [p for img in imgs.values() for p in (img, sidecar(img))] + list(figs.values())
+    return [p for img in imgs.values() for p in (img, sidecar_path(img))] + list(figs.values())
 
 
 def _staged_glob(path: Path) -> str:
@@ -133,8 +122,7 @@ def base_record(scan, status: str) -> dict:
 
 def export_scan(out: Path, scan, res, ctx) -> dict:
     """Write the scan's images, sidecars and pictures, then its record; return the record."""
-    from volseg.cohort.stages import qc_measures
-    from volseg.preprocess import provenance
+    from volseg.cohort.qc import qc_measures
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -148,52 +136,106 @@ def export_scan(out: Path, scan, res, ctx) -> dict:
     vox_ml = float(np.prod(meta.zooms)) / 1000.0
 
     def info(key: str, sources: tuple[str, ...] = (), **extra) -> dict:
-        d = provenance(meta, ctx.preprocess_cfg, **extra)
-        d["Sources"] = d["Sources"] + [f"bids::{rel[s]}" for s in sources if s in rel]
-        d.update(Models=ctx.models, Settings=settings, Timings=timings)
-        return d
+        uris = [D.bids_uri(out, paths[s]) for s in sources if s in paths]
+        return D.sidecar(key, meta, ctx.preprocess_cfg, uris, **extra, Models=ctx.models, Settings=settings,
+                         Timings=timings)
 
     n4 = prep.grid_image.meta.get("volseg_n4", {})
+    arrays = {"preproc": lambda: prep.native, "mask": lambda: res.mask,
+              "brain": lambda: np.where(res.mask > 0, res.data, 0).astype(np.float32),
+              "anomaly_map": lambda: np.asarray(res.anomaly.map, dtype=np.float32),
+              "anomaly_mask": lambda: np.asarray(res.anomaly.mask)}
+    ainfo = dict(getattr(res.anomaly, "info", {}) or {}) if res.anomaly is not None else {}
+    sidecars = {
+        "preproc": lambda: info("preproc", N4=n4),
+        "mask": lambda: info("mask", ("preproc",), N4=n4, BrainVolume_mL=measures.get("brain_volume_ml")),
+        "brain": lambda: info("brain", ("mask",)),
+        "anomaly_map": lambda: info("anomaly_map", ("preproc", "mask"), Anomaly=ainfo,
+                                    AnomalyScore=measures["anomaly_score"], AnomalyFlag=measures["anomaly_flag"]),
+        "anomaly_mask": lambda: info("anomaly_mask", ("anomaly_map",), Anomaly=ainfo,
+                                     AnomalousVolume_mL=measures["anomalous_volume_ml"]),
+    }
     with _Writer() as w:
-        if "preproc" in paths:
-            w.save_image(prep.native, meta, paths["preproc"], kind="image")
-            w.save_json(info("preproc", SkullStripped=False, N4=n4,
-                             Description="N4-corrected, input grid, intensities not rescaled"),
-                        sidecar(paths["preproc"]))
-        if "mask" in paths:
-            w.save_image(res.mask, meta, paths["mask"], kind="mask")
-            w.save_json(info("mask", ("preproc",), Type="Brain", SkullStripped=False, N4=n4,
-                             BrainVolume_mL=measures.get("brain_volume_ml")), sidecar(paths["mask"]))
-            brain = np.where(res.mask > 0, res.data, 0).astype(np.float32)
-            w.save_image(brain, meta, paths["brain"], kind="source")
-            w.save_json(info("brain", ("mask",), SkullStripped=True,
-                             Description="input intensities (not N4-corrected) inside the brain mask"),
-                        sidecar(paths["brain"]))
-        if "anomaly_map" in paths:
-            a = res.anomaly
-            ainfo = dict(getattr(a, "info", {}) or {})
-            w.save_image(np.asarray(a.map, dtype=np.float32), meta, paths["anomaly_map"], kind="map")
-            w.save_json(info("anomaly_map", ("preproc", "mask"), SkullStripped=True, Anomaly=ainfo,
-                             AnomalyScore=measures["anomaly_score"], AnomalyFlag=measures["anomaly_flag"],
-                             Description="voxel-wise anomaly map, 0 outside the brain"),
-                        sidecar(paths["anomaly_map"]))
-            w.save_image(np.asarray(a.mask), meta, paths["anomaly_mask"], kind="mask")
-            w.save_json(info("anomaly_mask", ("anomaly_map",), Type="Anomaly", SkullStripped=True,
-                             Anomaly=ainfo, AnomalousVolume_mL=measures["anomalous_volume_ml"]),
-                        sidecar(paths["anomaly_mask"]))
+        for key, path in paths.items():
+            w.save_image(arrays[key](), meta, path, kind=OUTPUTS[key].kind)
+            w.save_json(sidecars[key](), sidecar_path(path))
         if figs:
             _draw_figures(w, scan, res, figs, vox_ml)
     timings["export_s"] = round(time.perf_counter() - t0, 3)
     timings["total_s"] = round(sum(v for k, v in timings.items() if k != "total_s"), 3)
     record = base_record(scan, "ok")
-    record.update(fingerprint=ctx.fingerprint(), input=input_stamp(scan.path), outputs=rel,
+    record.update(fingerprint=ctx.fingerprint(), fingerprints=ctx.fingerprints(), input=input_stamp(scan.path),
+                  outputs=rel,
                   figures={k: str(p.relative_to(out)) for k, p in figs.items()},
                   measures=measures, timings=timings, stages=list(ctx.stages))
     write_record(out, scan, record)  # last: the scan is complete from here on
     return record
 
 
-def _draw_figures(w: _Writer, scan, res, figs: dict[str, Path], vox_ml: float) -> None:
+def flags_only(out: Path, scan, ctx) -> bool:
+    """Whether only the anomaly mask and flag of a complete scan are out of date (a recalibrated
+    model): every other output's fingerprint still matches and its files exist."""
+    rec = read_record(out, scan)
+    if not rec or rec.get("status") != "ok" or rec.get("input") != input_stamp(scan.path):
+        return False
+    old, new = rec.get("fingerprints") or {}, ctx.fingerprints()
+    same = {k for k in new if old.get(k) == new[k]}
+    if "anomaly_mask" not in new or "anomaly_mask" in same or set(new) - same != {"anomaly_mask", "figures"}:
+        return False
+    files = list(rec.get("outputs", {}).values()) + list(rec.get("figures", {}).values())
+    return set(rec.get("outputs", {})) == set(new) - {"figures"} and all((Path(out) / f).exists() for f in files)
+
+
+def refresh_flags(out: Path, scan, ctx) -> dict:
+    """Re-threshold a complete scan's anomaly map with the model's current calibration: rewrite
+    the anomaly mask, the two anomaly sidecars, the anomaly picture and the record; nothing else
+    (see :func:`flags_only`)."""
+    import json
+    from types import SimpleNamespace
+
+    from volseg.anomaly.maps import remove_small
+    from volseg.io import load_image
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    rec = read_record(out, scan)
+    paths = {k: out / v for k, v in rec["outputs"].items()}
+    model = ctx.anomaly_model
+    _, meta = load_image(scan.path, nonfinite=ctx.cfg.preprocess.io.nonfinite)
+    amap, _ = load_image(paths["anomaly_map"])
+    brain, _ = load_image(paths["mask"])
+    thr = model.voxel_threshold
+    amask = (remove_small((amap > thr) & (brain > 0), model.cfg.maps.min_component_voxels).astype(np.uint8)
+             if thr is not None else np.zeros(amap.shape, np.uint8))
+    score = float(rec["measures"]["anomaly_score"])
+    flag = None if model.scan_threshold is None else bool(score > model.scan_threshold)
+    vol = round(float(amask.sum()) * float(np.prod(meta.zooms)) / 1000.0, 2)
+    calib = {"Calibration": model.calibration, "VoxelThreshold": thr, "ScanThreshold": model.scan_threshold,
+             "Anomalous": flag}
+    measures = dict(rec["measures"], anomaly_flag=flag, anomalous_volume_ml=vol)
+    figs = {k: out / v for k, v in (rec.get("figures") or {}).items() if k == "anomaly"}
+    with _Writer() as w:
+        w.save_image(amask, meta, paths["anomaly_mask"], kind=OUTPUTS["anomaly_mask"].kind)
+        for key, extra in (("anomaly_map", {"AnomalyFlag": flag}), ("anomaly_mask", {"AnomalousVolume_mL": vol})):
+            info = json.loads(sidecar_path(paths[key]).read_text())
+            info.update(extra, Models=ctx.models, Settings=ctx.settings())
+            info["Anomaly"] = dict(info.get("Anomaly") or {}, **calib)
+            w.save_json(info, sidecar_path(paths[key]))
+        if figs:
+            anat, _ = load_image(paths["preproc"]) if "preproc" in paths else load_image(scan.path)
+            res = SimpleNamespace(meta=meta, prep=SimpleNamespace(native=anat), mask=brain,
+                                  anomaly=SimpleNamespace(map=amap, mask=amask, score=score, flag=flag))
+            _draw_figures(w, scan, res, figs, 0.0, keys=("anomaly",))
+    record = dict(rec, fingerprint=ctx.fingerprint(), fingerprints=ctx.fingerprints(), measures=measures,
+                  finished=base_record(scan, "ok")["finished"], volseg_version=__version__,
+                  timings=dict(rec.get("timings", {}), refresh_flags_s=round(time.perf_counter() - t0, 3)),
+                  refreshed="anomaly_mask")
+    write_record(out, scan, record)
+    return record
+
+
+def _draw_figures(w: _Writer, scan, res, figs: dict[str, Path], vox_ml: float,
+                  keys=("mask", "anomaly")) -> None:
     import nibabel as nib
 
     from volseg.report.figures import anomaly_figure, mask_figure
@@ -204,8 +246,9 @@ def _draw_figures(w: _Writer, scan, res, figs: dict[str, Path], vox_ml: float) -
     title = scan.prefix
     if mask is not None:
         title += f"  brain {float(res.mask.sum()) * vox_ml:.0f} mL"
-    mask_figure(anat, mask, w.stage_path(figs["mask"]), title=title)
-    if "anomaly" in figs:
+    if "mask" in figs and "mask" in keys:
+        mask_figure(anat, mask, w.stage_path(figs["mask"]), title=title)
+    if "anomaly" in figs and "anomaly" in keys:
         a = res.anomaly
         amap = nib.Nifti1Image(np.asarray(a.map, dtype=np.float32), aff)
         amask = nib.Nifti1Image(np.asarray(a.mask).astype(np.uint8), aff)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from volseg.errors import InputError
 from volseg.io import IMAGE_EXTENSIONS, scan_id
+from volseg.io.derivatives import entities
 
 log = logging.getLogger("volseg")
 
@@ -42,10 +43,6 @@ class Scan:
         parts = [f"sub-{self.subject}"] + ([f"ses-{self.session}"] if self.session else [])
         return Path(*parts, "anat")
 
-    @property
-    def figures_dir(self) -> Path:
-        return Path(f"sub-{self.subject}", "figures")
-
     def __str__(self) -> str:  # run_batch and log lines show the input file
         return self.path
 
@@ -59,7 +56,7 @@ def scan_from_file(path: str | os.PathLike, origin: str = "file") -> Scan:
     path = os.path.abspath(str(path))
     sid = scan_id(path)
     m = _BIDS_NAME.match(sid)
-    if m:
+    if m and entities(sid) is not None:  # a BIDS name volseg can build output names from
         return Scan(path, m.group(1), m.group(2), sid, origin)
     label = re.sub(r"[^A-Za-z0-9]", "", sid) or "unnamed"
     return Scan(path, label, None, f"sub-{label}", origin)
@@ -86,6 +83,9 @@ def scans_from_bids(root: Path, participants: tuple[str, ...] = ()) -> list[Scan
     scans = []
     for f in layout.get(**query):
         ent = f.get_entities()
+        if entities(scan_id(f.path)) is None:  # entities volseg does not know: name it like a plain file
+            scans.append(scan_from_file(f.path, "bids"))
+            continue
         scans.append(Scan(os.path.abspath(f.path), str(ent["subject"]),
                           str(ent["session"]) if ent.get("session") else None,
                           scan_id(f.path), "bids"))
@@ -129,19 +129,27 @@ def scans_from_list(list_file: Path) -> list[Scan]:
     return [scan_from_file(p if os.path.isabs(p) else list_file.parent / p, "list") for p in paths]
 
 
-def discover(inputs: list[str | os.PathLike], participants: tuple[str, ...] = ()) -> list[Scan]:
+def discover(inputs: list[str | os.PathLike], participants: tuple[str, ...] = (),
+             failures: list | None = None) -> list[Scan]:
     """All scans named by ``inputs``, sorted by output place; a missing file is kept as a scan
-    (it fails with 'file not found' like any other bad input)."""
+    (it fails with 'file not found' like any other bad input). ``failures``: a list that
+    collects ``(input, message)`` for each input that yields no scans (an empty folder, an
+    unreadable list) instead of raising, so that the other inputs still run."""
     labels = tuple(p[4:] if p.startswith("sub-") else p for p in participants)
     scans: list[Scan] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
-            scans += scans_from_bids(p, labels) if is_bids_root(p) else scans_from_folder(p)
-        elif p.suffix.lower() in LIST_EXTENSIONS and p.is_file():
-            scans += scans_from_list(p)
-        else:
-            scans.append(scan_from_file(p))
+        try:
+            if p.is_dir():
+                scans += scans_from_bids(p, labels) if is_bids_root(p) else scans_from_folder(p)
+            elif p.suffix.lower() in LIST_EXTENSIONS and p.is_file():
+                scans += scans_from_list(p)
+            else:
+                scans.append(scan_from_file(p))
+        except InputError as exc:
+            if failures is None:
+                raise
+            failures.append((str(item), str(exc)))
     if labels:
         scans = [s for s in scans if s.subject in labels]
         if not scans:

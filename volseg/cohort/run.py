@@ -66,9 +66,12 @@ def write_dataset_description(out: Path, sources: list[str]) -> Path:
     }
     from volseg.cohort.tables import save_if_changed
 
+    from volseg.io.derivatives import write_bidsignore
+
     path = Path(out) / "dataset_description.json"
     with AtomicWriter() as w:
         save_if_changed(w, json.dumps(desc, indent=2) + "\n", path)
+    write_bidsignore(out)  # files BIDS has no name for: the map, pictures, tables, report, logs
     return path
 
 
@@ -209,7 +212,7 @@ def run_cohort(inputs, out, *, opts: RunOptions = RunOptions(), participants=(),
     """Run the cohort named by ``inputs`` into the BIDS-derivatives folder ``out``."""
     from tqdm import tqdm
 
-    from volseg.cohort.export import base_record, is_complete, read_record
+    from volseg.cohort.export import base_record, flags_only, is_complete, read_record, refresh_flags
     from volseg.cohort.inputs import discover, split_duplicates
     from volseg.cohort.shard import select_shard, shard_name
     from volseg.cohort.tables import gather, write_tables
@@ -223,7 +226,8 @@ def run_cohort(inputs, out, *, opts: RunOptions = RunOptions(), participants=(),
     result = RunResult(log_file=log_file)
     old_level = log.level
     try:
-        scans = discover(inputs, tuple(participants))
+        bad_inputs: list = []  # inputs that yield no scans: reported, the others still run
+        scans = discover(inputs, tuple(participants), failures=bad_inputs)
         scans, dups = split_duplicates(scans)
         mine = select_shard(scans, shard)
         mine_dups = select_shard(dups, shard)
@@ -241,6 +245,11 @@ def run_cohort(inputs, out, *, opts: RunOptions = RunOptions(), participants=(),
                              "settings": ctx.settings(), "fingerprint": fp,
                              "versions": _versions()}, log_file.with_suffix(".json"))
             dup_records = []
+            for item, err in bad_inputs if shard is None or shard[0] == 0 else ():  # once per cohort
+                log.error("%s", err)
+                dup_records.append({"scan": Path(item).name, "subject": None, "session": None, "source": item,
+                                    "status": "failed", "stage": "inputs", "error": err,
+                                    "volseg_version": __version__})
             for scan, err in mine_dups:  # no record file: it would be the first scan's
                 log.error("%s", err)
                 rec = base_record(scan, "failed")
@@ -251,6 +260,13 @@ def run_cohort(inputs, out, *, opts: RunOptions = RunOptions(), participants=(),
             for scan in mine:
                 if not overwrite and is_complete(out, scan, fp):
                     result.skipped.append(read_record(out, scan))
+                elif not overwrite and flags_only(out, scan, ctx):  # recalibrated: re-threshold only
+                    try:
+                        result.done.append(refresh_flags(out, scan, ctx))
+                        log.info("%s: anomaly mask and flag updated for the new calibration", scan.path)
+                    except Exception as exc:  # anything unexpected on disk: recompute the scan
+                        log.warning("%s: cannot update the anomaly flag alone (%s); recomputing", scan.path, exc)
+                        todo.append(scan)
                 else:
                     todo.append(scan)
             if result.skipped:

@@ -88,20 +88,42 @@ class Context:
         return pcfg
 
     def settings(self) -> dict:
+        from volseg import __version__
         from volseg.config import config_to_dict
 
         return {
+            "volseg_version": __version__,
             "stages": list(self.stages),
             "preprocess": config_to_dict(self.preprocess_cfg),
             "strip": {"threshold": self.cfg.infer.threshold, "tta": bool(self.tta),
                       "border_mm": self.border_mm if self.border_mm is not None else self.cfg.infer.border_mm},
             "models": self.models,
+            "figures": bool(self.figures),
         }
 
+    def fingerprints(self) -> dict[str, str]:
+        """One fingerprint per output (and ``figures``), chained down the stages: each covers
+        everything its output depends on (volseg version, settings, weights, calibration), so a
+        rerun can tell exactly which outputs a changed setting or model affects."""
+        s = self.settings()
+        fps = {"preproc": _hash([s["volseg_version"], s["preprocess"]])}
+        if "strip" in self.stages:
+            fps["mask"] = fps["brain"] = _hash([fps["preproc"], s["strip"], self.models.get("strip")])
+        if "anomaly" in self.stages:
+            a = dict(self.models.get("anomaly") or {})
+            flags = {"calibration": a.pop("calibration", None), "min_component_voxels": a.pop("min_component_voxels", None)}
+            fps["anomaly_map"] = _hash([fps.get("mask"), a])
+            fps["anomaly_mask"] = _hash([fps["anomaly_map"], flags])
+        fps["figures"] = _hash([fps, s["figures"]])
+        return fps
+
     def fingerprint(self) -> str:
-        """Changes whenever a setting or model that shapes the outputs changes."""
-        text = json.dumps(self.settings(), sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        """Changes whenever a setting or model that shapes any output changes."""
+        return _hash([self.settings(), self.fingerprints()])
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def build_context(stages, cfg, device="cpu", tta=False, border_mm=None, figures=True,
@@ -125,21 +147,33 @@ def build_context(stages, cfg, device="cpu", tta=False, border_mm=None, figures=
             ctx.stages = tuple(s for s in want if s != "anomaly")
         else:
             ctx.anomaly_model = model
-            info = getattr(model, "info", None) or getattr(model, "volseg_info", None) or {}
-            calib = getattr(model, "calibration", None) or {}
-            mcfg = getattr(getattr(model, "cfg", None), "maps", None)
-            # everything of the model folder that changes a map, a mask or a flag: a recalibrated or
-            # retrained model makes a rerun recompute the anomaly outputs
-            ctx.models["anomaly"] = {
-                "sha256": info.get("sha256") if isinstance(info, dict) else None,
-                "voxel_threshold": calib.get("voxel_threshold"), "scan_threshold": calib.get("scan_threshold"),
-                "maps": dataclasses.asdict(mcfg) if dataclasses.is_dataclass(mcfg) else None}
+            ctx.models["anomaly"] = anomaly_identity(model)
     if "strip" in ctx.stages:
         from volseg.nets.folder import load_model
+        from volseg.strip.infer import for_model
 
         ctx.strip_net, info = load_model(strip_model, kind="strip", device=device)
+        ctx.cfg = for_model(cfg, ctx.strip_net)  # the grid the network was trained on
         ctx.models["strip"] = {"sha256": info.get("sha256"), "net": info.get("net")}
     return ctx
+
+
+def anomaly_identity(model) -> dict:
+    """Everything of an anomaly model folder that changes a map, a mask or a flag: a retrained or
+    recalibrated model makes a rerun recompute what it affects. ``calibration`` and
+    ``min_component_voxels`` change only the anomaly mask and the flag."""
+    from volseg.config import config_to_dict
+
+    info = getattr(model, "info", None) or {}
+    cfg = getattr(model, "cfg", None)
+    keep = ("preprocess", "maps", "calibration")
+    settings = ({k: v for k, v in config_to_dict(cfg).items() if k in keep}
+                if dataclasses.is_dataclass(cfg) else {})
+    maps = settings.get("maps", {})
+    return {"sha256": info.get("sha256"), "net": info.get("net"),
+            "settings": {**settings, "maps": {k: v for k, v in maps.items() if k != "min_component_voxels"}},
+            "calibration": getattr(model, "calibration", None),
+            "min_component_voxels": maps.get("min_component_voxels")}
 
 
 @dataclass
@@ -304,42 +338,3 @@ def strip_prepared(prep, net, cfg, device="cpu", tta: bool = False,
     from volseg.strip.infer import mask_from_grid, predict_grid
 
     return mask_from_grid(predict_grid(net, prep.grid_image, device, tta=tta), prep, cfg, border_mm)
-
-
-# Plausible whole-brain mask volumes (mL) for a T1 head of an adult or child.
-BRAIN_ML_RANGE = (700.0, 2200.0)
-
-
-def qc_measures(res: ScanResult) -> dict:
-    """Brain volume, SNR (Dietrich: brain mean over the air's noise) and QC notes."""
-    from volseg.transforms.functional import head_mask
-    from scipy import ndimage as ndi
-
-    meta = res.meta
-    vox_ml = float(np.prod(meta.zooms)) / 1000.0
-    out: dict = {"qc_notes": list(meta.header_warnings)}
-    img = res.prep.native
-    if res.mask is not None:
-        vol = float(res.mask.sum()) * vox_ml
-        out["brain_volume_ml"] = round(vol, 1)
-        lo, hi = BRAIN_ML_RANGE
-        if not lo <= vol <= hi:
-            out["qc_notes"].append(f"brain volume {vol:.0f} mL outside {lo:.0f}-{hi:.0f} mL")
-        step = 2 if min(img.shape) >= 64 else 1
-        head = ndi.binary_dilation(head_mask(img, step=step), iterations=2)
-        small = img[::step, ::step, ::step]
-        air = small[~head]
-        air = air[air != 0]  # zero padding and defacing are not noise
-        fg = img[res.mask > 0]
-        if air.size >= 500 and fg.size:
-            sigma = float(np.std(air)) / np.sqrt(2.0 / (4.0 - np.pi))  # Rayleigh air noise
-            out["snr"] = round(float(fg.mean()) / float(sigma), 2) if sigma > 0 else None
-        else:
-            out["snr"] = None
-    if res.anomaly is not None:
-        a = res.anomaly
-        out["anomaly_score"] = round(float(a.score), 6)
-        out["anomaly_flag"] = None if a.flag is None else bool(a.flag)  # None: not calibrated
-        out["anomalous_volume_ml"] = round(float(np.asarray(a.mask).sum()) * vox_ml, 2)
-    out["qc"] = "check" if out["qc_notes"] else "ok"
-    return out

@@ -15,12 +15,27 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from volseg.io import AtomicWriter, load_image, scan_id
-from volseg.preprocess import Prepared, prepare, provenance
+from volseg.preprocess import Prepared, prepare
 from volseg.strip.config import StripConfig
 from volseg.transforms.functional import largest_component
 
-MASK_SUFFIX = "_desc-brain_mask"
-BRAIN_SUFFIX = "_desc-brain_T1w"
+
+
+def for_model(cfg: StripConfig, net) -> StripConfig:
+    """``cfg`` with the working grid and intensity normalisation the network was trained with
+    (``config.preprocess`` of its ``model.json``): a model trained with other settings is never
+    fed the wrong grid. N4 and input handling stay the user's."""
+    import dataclasses
+
+    from volseg.config import Config, config_from_dict
+
+    stored = ((getattr(net, "volseg_info", None) or {}).get("config") or {}).get("preprocess")
+    if not stored:
+        return cfg
+    trained = config_from_dict(stored, Config, source="model.json config.preprocess")
+    pre = dataclasses.replace(cfg.preprocess, grid=trained.grid, intensity=trained.intensity)
+    return dataclasses.replace(cfg, preprocess=pre)
+
 
 
 def predict_grid(net, grid_image, device, tta: bool = False):
@@ -54,15 +69,11 @@ def predict_grid_batch(net, grid_images, device, tta: bool = False, batch_size: 
 
 
 def to_native(prob_grid, prep: Prepared) -> np.ndarray:
-    """Send a working-grid map back to the native grid (bilinear, through ``Invertd``)."""
-    from monai.transforms import Invertd
+    """Send a working-grid map back to the native grid (bilinear; the chain's inverse,
+    :func:`volseg.transforms.functional.grid_to_native`, tested equal to ``Invertd``)."""
+    from volseg.transforms.functional import grid_to_native
 
-    inv = Invertd(keys="pred", transform=prep.chain, orig_keys="image", nearest_interp=False)
-    d = inv({"pred": prob_grid, "image": prep.grid_image})
-    native = d["pred"][0].detach().cpu().numpy()
-    if native.shape != tuple(prep.meta.shape):
-        raise RuntimeError(f"inverse gave shape {native.shape}, expected {prep.meta.shape}")
-    return native
+    return grid_to_native(np.asarray(prob_grid[0]), prob_grid.affine, prep.meta.affine, prep.meta.shape)
 
 
 def mask_from_grid(prob_grid, prep: Prepared, cfg: StripConfig, border_mm: float | None = None) -> np.ndarray:
@@ -89,8 +100,10 @@ def clean_mask(prob: np.ndarray, zooms, threshold: float = 0.5, border_mm: float
 
 def strip_volume(data, meta, net, cfg: StripConfig, device="cpu", tta: bool = False,
                  border_mm: float | None = None) -> tuple[np.ndarray, Prepared, dict]:
-    """Brain mask (uint8, native grid) for an array read by :func:`volseg.io.load_image`."""
+    """Brain mask (uint8, native grid) for an array read by :func:`volseg.io.load_image`
+    (preprocessed on the grid stored with the network, :func:`for_model`)."""
     t0 = time.perf_counter()
+    cfg = for_model(cfg, net)
     prep = prepare(data, meta, cfg.preprocess)
     t1 = time.perf_counter()
     prob = predict_grid(net, prep.grid_image, device, tta=tta)
@@ -111,26 +124,24 @@ def strip_file(path: str, out_dir, net, cfg: StripConfig, device="cpu", tta: boo
         from volseg.errors import InputError
 
         raise InputError(path, "no brain found (the predicted mask is empty); is this a head T1?")
+    from volseg.io.derivatives import save_output, sidecar
+
     sid = scan_id(path)
-    out = Path(out_dir)
     vox_ml = float(np.prod(meta.zooms)) / 1000.0
     model = getattr(net, "volseg_info", {})
-    common = provenance(meta, cfg.preprocess, N4=prep.grid_image.meta.get("volseg_n4", {}),
-                        Grid=prep.grid_image.meta.get("volseg_grid", {}), Timings=timings,
-                        Model={"sha256": model.get("sha256"), "net": model.get("net")},
-                        Inference={"tta": bool(tta), "threshold": cfg.infer.threshold,
-                                   "border_mm": cfg.infer.border_mm if border_mm is None else border_mm},
-                        BrainVolume_mL=round(float(mask.sum()) * vox_ml, 2))
+    cfg = for_model(cfg, net)
+    common = dict(N4=prep.grid_image.meta.get("volseg_n4", {}), Grid=prep.grid_image.meta.get("volseg_grid", {}),
+                  Timings=timings, Model={"sha256": model.get("sha256"), "net": model.get("net")},
+                  Inference={"tta": bool(tta), "threshold": cfg.infer.threshold,
+                             "border_mm": cfg.infer.border_mm if border_mm is None else border_mm},
+                  BrainVolume_mL=round(float(mask.sum()) * vox_ml, 2))
     with AtomicWriter() as w:
-        mask_path = w.save_image(mask, meta, out / f"{sid}{MASK_SUFFIX}.nii.gz", kind="mask")
-        w.save_json(dict(common, Type="Brain", SkullStripped=False), out / f"{sid}{MASK_SUFFIX}.json")
+        mask_path = save_output(w, out_dir, "mask", sid, mask, meta, sidecar("mask", meta, cfg.preprocess, **common))
         brain = np.where(mask > 0, data, 0).astype(np.float32)
-        brain_path = w.save_image(brain, meta, out / f"{sid}{BRAIN_SUFFIX}.nii.gz", kind="source")
-        w.save_json(dict(common, SkullStripped=True,
-                         Description="input intensities (not N4-corrected) inside the brain mask"),
-                    out / f"{sid}{BRAIN_SUFFIX}.json")
+        brain_path = save_output(w, out_dir, "brain", sid, brain, meta,
+                                 sidecar("brain", meta, cfg.preprocess, **common))
     return {"mask": mask_path, "brain": brain_path, "timings": timings}
 
 
 __all__ = ["strip_file", "strip_volume", "clean_mask", "to_native", "predict_grid", "predict_grid_batch",
-           "mask_from_grid"]
+           "mask_from_grid", "for_model"]

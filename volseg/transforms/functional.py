@@ -189,6 +189,40 @@ def n4_log_field_ants(data: np.ndarray, affine: np.ndarray, zooms, shrink=None,
     return np.log(np.maximum(bias, 1e-6)).astype(np.float32), info
 
 
+def grid_to_native(grid_map: np.ndarray, grid_affine, native_affine, native_shape, box=None,
+                   mode: str = "bilinear") -> np.ndarray:
+    """A working-grid array back on the native grid: one resampling from the grid's affine to
+    the native voxels (MONAI ``SpatialResample``, zero padding), as the chain's inverse
+    (``Invertd`` through :class:`~volseg.transforms.HeadGrid`) does, but only inside ``box``
+    (native voxel index bounds ``(lo, hi)``; default: the grid's footprint), zeros elsewhere.
+    Both networks' maps go back to the scan's grid through this one function."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    shape = np.asarray(native_shape, dtype=int)
+    native_affine = np.asarray(native_affine, dtype=np.float64)
+    grid_affine = np.asarray(grid_affine, dtype=np.float64)
+    if box is None:  # the grid's corners in native voxel indices, one voxel of margin
+        size = np.asarray(grid_map.shape[-3:])
+        corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in size], indexing="ij")).reshape(3, -1).T
+        ijk = (np.linalg.inv(native_affine) @ grid_affine @ np.c_[corners, np.ones(len(corners))].T)[:3].T
+        box = (np.floor(ijk.min(0)) - 1, np.ceil(ijk.max(0)) + 2)
+    lo = np.clip(np.asarray(box[0], dtype=int), 0, shape)
+    hi = np.clip(np.asarray(box[1], dtype=int), 0, shape)
+    native = np.zeros(tuple(shape), np.float32)
+    if np.any(hi <= lo):
+        return native
+    sub_affine = native_affine.copy()
+    sub_affine[:3, 3] = native_affine[:3, :3] @ lo + native_affine[:3, 3]
+    src = MetaTensor(torch.as_tensor(np.asarray(grid_map, dtype=np.float32).reshape((1,) + grid_map.shape[-3:])),
+                     affine=torch.as_tensor(grid_affine))
+    sub = SpatialResample(mode=mode, padding_mode="zeros", dtype=torch.float32)(
+        src, dst_affine=torch.as_tensor(sub_affine), spatial_size=tuple(int(v) for v in hi - lo))
+    native[tuple(slice(a, b) for a, b in zip(lo, hi))] = sub[0].detach().cpu().numpy()
+    return native
+
+
 def normalize_intensity(data: np.ndarray, mask: np.ndarray | None = None, method: str = "percentile",
                         lower: float = 0.5, upper: float = 99.5,
                         clip: tuple[float, float] | None = (0.0, 1.5)) -> np.ndarray:

@@ -1,0 +1,52 @@
+"""The official BIDS validator (bids-validator-deno) on the derivatives of a small ``volseg run``:
+0 errors. Skips where the validator is not installed (``pip install bids-validator-deno``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_cohort import FAST_YAML, write_head
+
+
+def _validator() -> str | None:
+    here = Path(sys.executable).parent / "bids-validator-deno"
+    return str(here) if here.exists() else shutil.which("bids-validator-deno")
+
+
+def _issues(root: Path, exe: str) -> list[dict]:
+    res = subprocess.run([exe, str(root), "--format", "json"], capture_output=True, text=True, timeout=600)
+    try:
+        return json.loads(res.stdout)["issues"]["issues"]
+    except (ValueError, KeyError):
+        pytest.fail(f"bids-validator-deno gave no JSON report (exit {res.returncode}): {res.stderr[-2000:]}")
+
+
+def test_run_outputs_pass_the_bids_validator(run_cli, tmp_path):
+    exe = _validator()
+    if exe is None:
+        pytest.skip("bids-validator-deno is not installed (pip install bids-validator-deno)")
+    raw = tmp_path / "raw"
+    (raw / "sub-01" / "ses-1" / "anat").mkdir(parents=True)
+    (raw / "dataset_description.json").write_text(json.dumps({"Name": "t", "BIDSVersion": "1.9.0"}))
+    write_head(raw / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_T1w.nii.gz", 51)
+    write_head(raw / "sub-02" / "anat" / "sub-02_run-1_T1w.nii.gz", 52)
+    (tmp_path / "fast.yaml").write_text(FAST_YAML)
+    out = tmp_path / "derivatives" / "volseg"
+    res = run_cli("run", raw, "-o", out, "-c", tmp_path / "fast.yaml", "--stages", "n4,strip,anomaly")
+    assert res.returncode == 0, res.stderr
+    issues = _issues(out, exe)
+    errors = [f"{i['code']} {i.get('subCode') or ''} {i.get('location')}" for i in issues if i["severity"] == "error"]
+    assert errors == []
+    # the validator did look at the outputs: the masks' sidecars are checked (no Type/Sources warning
+    # would name them otherwise), and a broken sidecar is an error
+    side = out / "sub-02" / "anat" / "sub-02_run-1_label-anomaly_mask.json"
+    info = json.loads(side.read_text())
+    side.write_text(json.dumps(dict(info, Type="Anomaly")))
+    bad = [i for i in _issues(out, exe) if i["severity"] == "error"]
+    assert any(i["code"] == "JSON_SCHEMA_VALIDATION_ERROR" for i in bad)
