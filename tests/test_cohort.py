@@ -118,9 +118,24 @@ def test_bids_sessions_map_to_derivative_paths(reference, bids_root):
 
     rows = _rows(out / "volseg_summary.tsv")
     assert [r["scan"] for r in rows] == sorted(_prefix(s, ses) for s, ses, _ in BIDS_SCANS)
+    from volseg.cohort.qc import air_values
+    from volseg.synth import synth_head
+
+    seeds = {_prefix(s, ses): (s, ses, seed) for s, ses, seed in BIDS_SCANS}
     for r in rows:
-        assert r["status"] == "ok" and 700 < float(r["brain_volume_ml"]) < 2500
-        assert float(r["snr"]) > 3 and float(r["time_n4_s"]) > 0 and float(r["time_total_s"]) > 0
+        sub, ses, seed = seeds[r["scan"]]
+        anat = _anat(out, sub, ses)
+        mask = np.asarray(nib.load(str(anat / f"{r['scan']}_desc-brain_mask.nii.gz")).dataobj) > 0
+        pre = nib.load(str(anat / f"{r['scan']}_desc-preproc_T1w.nii.gz"))
+        vol = float(r["brain_volume_ml"])
+        assert r["status"] == "ok" and vol == pytest.approx(mask.sum() * np.prod(pre.header.get_zooms()) / 1000, abs=0.1)
+        assert vol == pytest.approx(synth_head(seed, voxel_size=4.0).params["brain_volume_ml"], rel=0.1)
+        # SNR: brain mean over the air's sigma; Rayleigh air has std = sigma sqrt((4 - pi) / 2)
+        img = np.asarray(pre.dataobj, dtype=np.float32)
+        air = air_values(img)
+        sigma = np.std(air[air != 0]) / np.sqrt((4 - np.pi) / 2)
+        assert float(r["snr"]) == pytest.approx(img[mask].mean() / sigma, rel=0.01)
+        assert 0 < float(r["time_n4_s"]) <= float(r["time_total_s"])
         assert r["anomaly_score"] == "n/a"  # stage not run
     assert _rows(out / "volseg_failures.tsv") == []
     logs = list((out / "logs").glob("volseg-run_*.log"))
@@ -156,6 +171,10 @@ def test_mixed_folder_isolates_bad_inputs(run_cli, fast_cfg, tmp_path):
     nib.save(nib.Nifti1Image(np.full((8, 8, 8), np.nan, np.float32), np.eye(4)), str(src / "nan_T1w.nii.gz"))
     nib.save(nib.Nifti1Image(np.ones((16, 16, 1), np.float32), np.eye(4)), str(src / "flat_T1w.nii.gz"))
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(src / "sub-zero_T1w.nii.gz"))
+    zeropix = bytearray(write_head(src / "zeropix_T1w.nii", 43).read_bytes())  # a head, but:
+    zeropix[80:92] = bytes(12)  # pixdim[1..3] = 0
+    zeropix[252:256] = bytes(4)  # qform_code = sform_code = 0
+    (src / "zeropix_T1w.nii").write_bytes(zeropix)
     lst = tmp_path / "more.txt"
     lst.write_text(f"# extra\n{tmp_path / 'missing_T1w.nii.gz'}\n")
     out = tmp_path / "out"
@@ -164,7 +183,7 @@ def test_mixed_folder_isolates_bad_inputs(run_cli, fast_cfg, tmp_path):
     assert res.returncode == 1, res.stderr
     bad = {"trunc": "truncated or corrupt", "text": "not a readable", "empty": "empty (0 bytes)",
            "series": "4D series", "nan": "NaN", "flat": "2D", "zero": "empty (all voxels 0)",
-           "missing": "file not found"}
+           "missing": "file not found", "zeropix": "pixdim[1..3] contains 0"}
     fails = {r["scan"]: r for r in _rows(out / "volseg_failures.tsv")}
     assert set(fails) == {f"sub-{k}" for k in bad}, fails
     for name, words in bad.items():

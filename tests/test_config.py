@@ -15,10 +15,21 @@ def test_default_yaml_matches_builtin_defaults():
     assert load_config(default_config_path()) == Config()
 
 
-def test_strip_yaml_loads():
+def test_strip_yaml_loads(tmp_path):
     cfg = load_strip_config(default_config_path().parent / "strip.yaml")
     assert isinstance(cfg, StripConfig)
     assert cfg.net.channels == (16, 32, 64, 128, 256)
+    # the file's values are used, not the defaults: non-default values come back
+    path = tmp_path / "strip.yaml"
+    path.write_text("net:\n  channels: [8, 16, 32, 64, 128]\ndata:\n  synth_count: 7\n")
+    cfg = load_strip_config(path)
+    assert StripConfig().net.channels != (8, 16, 32, 64, 128) and StripConfig().data.synth_count != 7
+    assert cfg.net.channels == (8, 16, 32, 64, 128) and cfg.data.synth_count == 7
+    assert cfg.augment == StripConfig().augment
+    path.write_text("data:\n  synth_cnt: 7\n")
+    with pytest.raises(ConfigError, match="unknown key 'data.synth_cnt'") as info:
+        load_strip_config(path)
+    assert str(path) in str(info.value)
 
 
 def test_configs_are_frozen():

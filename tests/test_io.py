@@ -190,3 +190,53 @@ def test_unwritable_folder_by_permission(tmp_path):
     finally:
         ro.chmod(0o755)
         shutil.rmtree(ro)
+
+
+def _save_raw(path, data, **fields):
+    """A NIfTI-1 written byte for byte from a header with ``fields`` set, bypassing nibabel's
+    save-time fixes (it would reset a zero pixdim to 1 and rebuild the sform/qform)."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(data.shape)
+    hdr.set_data_dtype(np.float32)
+    hdr["pixdim"][1:4] = 1.0
+    hdr["qform_code"] = hdr["sform_code"] = 0
+    for key, value in fields.items():
+        if key == "pixdim":
+            hdr["pixdim"][1:4] = value
+        else:
+            hdr[key] = value
+    hdr["vox_offset"] = 352
+    raw = hdr.binaryblock + b"\0" * 4 + np.asarray(data, np.float32).tobytes(order="F")
+    (gzip.open if str(path).endswith(".gz") else open)(path, "wb").write(raw)
+    return path
+
+
+@pytest.mark.parametrize("name,fields,words", [
+    ("zero pixdim", {"pixdim": (0.0, 0.0, 0.0)}, "pixdim[1..3] contains 0"),
+    ("one zero pixdim", {"pixdim": (1.0, 0.0, 1.0), "qform_code": 1, "quatern_d": 1.0},
+     "pixdim[1..3] contains 0"),
+    ("negative pixdim", {"pixdim": (1.0, -1.0, 1.0)}, "pixdim[1..3] contains a negative"),
+    ("nan pixdim", {"pixdim": (1.0, np.nan, 1.0)}, "pixdim[1..3] (1, nan, 1) is not finite"),
+    ("zero sform", {"sform_code": 2}, "sform (srow_x/srow_y/srow_z) is zero, singular"),
+    ("singular sform", {"sform_code": 1, "srow_x": (1, 0, 0, 0), "srow_y": (1, 0, 0, 0),
+                        "srow_z": (0, 0, 1, 0)}, "sform (srow_x/srow_y/srow_z) is zero, singular"),
+    ("nan qform", {"qform_code": 1, "quatern_b": np.nan}, "qform (quatern_b/c/d"),
+])
+def test_header_without_a_usable_geometry_is_refused(tmp_path, name, fields, words):
+    path = _save_raw(tmp_path / f"{name.replace(' ', '_')}.nii.gz", _vol(), **fields)
+    with pytest.raises(InputError) as info:
+        load_image(path)
+    msg = str(info.value)
+    assert str(path) in msg and words in msg, msg
+
+
+def test_raw_header_writer_makes_loadable_files(tmp_path):
+    """The helper above writes valid files when the fields are valid (the refusals are real)."""
+    data = _vol()
+    arr, meta = load_image(_save_raw(tmp_path / "ok.nii.gz", data, pixdim=(1.0, 1.5, 2.0)))
+    assert np.allclose(arr, data) and np.allclose(meta.zooms, (1.0, 1.5, 2.0))
+    assert meta.qform_code == meta.sform_code == 0 and "neither qform nor sform" in meta.header_warnings[0]
+    sform = orientation_affine("RAS", data.shape, (2.0, 2.0, 2.0))
+    _, meta = load_image(_save_raw(tmp_path / "s.nii.gz", data, pixdim=(2.0, 2.0, 2.0), sform_code=1,
+                                   srow_x=sform[0], srow_y=sform[1], srow_z=sform[2]))
+    assert np.allclose(meta.affine, sform) and meta.sform_code == 1

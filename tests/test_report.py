@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -119,6 +120,42 @@ def test_report_orders_flagged_then_failed_then_check():
     assert "brain volume 300 mL" in table and "boom" in table
 
 
+def test_report_escapes_what_it_shows():
+    """The page is a jinja2 template with autoescape on: a scan id, error or path holding HTML
+    is shown as text, never run."""
+    from volseg.report.html import render_report
+
+    evil = "sub-<script>alert(1)</script>"
+    recs = [{"scan": evil, "status": "ok", "source": "/x/<b>a</b>.nii.gz", "finished": "t",
+             "measures": {"qc": "check", "qc_notes": ["<i>note</i>"]},
+             "figures": {"mask": 'sub-x/figures/"><script>x.png'}, "outputs": {}},
+            {"scan": "sub-bad", "status": "failed", "stage": "load", "error": "<img src=x onerror=alert(2)>"}]
+    html = render_report(recs)
+    assert "<script>" not in html and "<img src=x" not in html and "<b>" not in html and "<i>" not in html
+    assert "sub-&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert 'id="sub-&lt;script&gt;alert(1)&lt;/script&gt;"' in html
+    assert "&lt;img src=x onerror=alert(2)&gt;" in html and "&lt;i&gt;note&lt;/i&gt;" in html
+    assert len(re.findall(r"<img ", html)) == 1  # the one picture; its src quoted and escaped
+    assert html.count("<tr") == 3 and html.rstrip().endswith("</body></html>")
+
+
+def test_report_template_is_shipped():
+    """The template lives in the package and pyproject ships it (and depends on jinja2)."""
+    import fnmatch
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    from volseg.report.html import TEMPLATE, TEMPLATE_DIR
+
+    root = Path(__file__).resolve().parents[1]
+    template = TEMPLATE_DIR / TEMPLATE
+    assert template.is_file()
+    meta = tomllib.loads((root / "pyproject.toml").read_text())
+    rel = template.relative_to(root / "volseg").as_posix()
+    assert any(fnmatch.fnmatch(rel, pat) for pat in meta["tool"]["setuptools"]["package-data"]["volseg"]), rel
+    assert any(re.match(r"jinja2\b", dep, re.I) for dep in meta["project"]["dependencies"])
+    assert "<table" not in (root / "volseg" / "report" / "html.py").read_text()  # markup in the template
+
+
 def test_pictures_are_pngs_of_three_views(tmp_path):
     import matplotlib.image as mpimg
 
@@ -157,6 +194,7 @@ def test_anomaly_stage_wiring_with_a_stand_in_model(tmp_path, tiny_head):
 
     def stand_in(native, mask, meta, model, cfg=None, n4=False):
         assert native.shape == mask.shape == tuple(meta.shape) and not n4
+        time.sleep(0.05)  # a stage long enough to be timed
         amap = np.where(mask > 0, np.abs(native - native[mask > 0].mean()), 0).astype(np.float32)
         amask = (amap > np.percentile(amap[mask > 0], 95)).astype(np.uint8)
         return SimpleNamespace(map=amap, mask=amask, recon=native, score=0.7, flag=True,
@@ -183,4 +221,6 @@ def test_anomaly_stage_wiring_with_a_stand_in_model(tmp_path, tiny_head):
     assert m["anomaly_flag"] is True and m["anomalous_volume_ml"] == pytest.approx(
         np.asarray(amask.dataobj).sum() * vox_ml, abs=0.01)
     assert (tmp_path / rec["figures"]["anomaly"]).stat().st_size > 5000
-    assert rec["timings"]["anomaly_s"] >= 0
+    t = rec["timings"]
+    assert 0.05 <= t["anomaly_s"] < t["total_s"]  # the stand-in's time, inside the scan's total
+    assert t["total_s"] == pytest.approx(sum(v for k, v in t.items() if k != "total_s"), abs=0.01)

@@ -95,6 +95,49 @@ def scan_id(path: str | os.PathLike) -> str:
     return stripped or name
 
 
+def _raw_nifti_header(img):
+    """The NIfTI header exactly as stored: nibabel's load quietly "fixes" zero or negative
+    pixdims to 1 or their absolute value, which would hide a header without voxel sizes."""
+    holder = img.file_map.get("header") or img.file_map["image"]  # .hdr/.img pair, or one .nii
+    with holder.get_prepare_fileobj(mode="rb") as fh:
+        return img.header_class.from_fileobj(fh, check=False)
+
+
+def _check_geometry_fields(path: str, img) -> None:
+    """Refuse a NIfTI whose voxel sizes or coded qform/sform cannot place the voxels in space:
+    pixdim[1..3] must be finite and positive (the qform and the voxel-size fallback are built
+    from them); an sform or qform whose code is set must be finite and invertible."""
+    import nibabel as nib
+
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        return  # MGH: a zero or non-finite voxel size makes the affine singular, refused below
+    try:
+        hdr = _raw_nifti_header(img)
+    except Exception:  # the header was read once already; keep nibabel's copy
+        hdr = img.header
+    pixdim = np.asarray(hdr["pixdim"][1:4], dtype=float)
+    shown = ", ".join(f"{v:g}" for v in pixdim)
+    if not np.all(np.isfinite(pixdim)):
+        raise InputError(path, f"header pixdim[1..3] ({shown}) is not finite; the voxel size is unknown")
+    if np.any(pixdim == 0):
+        raise InputError(path, f"header pixdim[1..3] contains 0 ({shown}); the voxel size is unknown")
+    if np.any(pixdim < 0):
+        raise InputError(path, f"header pixdim[1..3] contains a negative voxel size ({shown})")
+    for name, fields, code, get in (
+        ("sform", "srow_x/srow_y/srow_z", int(hdr["sform_code"]), hdr.get_sform),
+        ("qform", "quatern_b/c/d, qoffset_x/y/z", int(hdr["qform_code"]), hdr.get_qform),
+    ):
+        if code <= 0:
+            continue
+        try:
+            aff = np.asarray(get(), dtype=float)
+        except Exception:  # e.g. a quaternion with b^2 + c^2 + d^2 > 1
+            aff = np.full((4, 4), np.nan)
+        if not np.all(np.isfinite(aff)) or abs(np.linalg.det(aff[:3, :3])) < 1e-9:
+            raise InputError(path, f"header {name} ({fields}) is zero, singular or not finite "
+                                   f"although {name}_code is {code}")
+
+
 def _validate_header(img) -> tuple[np.ndarray, int, int, list[str]]:
     """Pick the affine the way niworkflows' ValidateImage does; return it with codes and warnings."""
     import nibabel as nib
@@ -132,8 +175,9 @@ def load_image(path: str | os.PathLike, nonfinite: str = "zero") -> tuple[np.nda
     """Read a 3D volume (or a 4D file holding one volume) as float32 plus its :class:`ImageMeta`.
 
     Raises :class:`InputError` naming the file for a missing, unreadable, truncated, 2D,
-    multi-volume, empty or constant image. Non-finite voxels are set to 0 with a warning
-    (``nonfinite="zero"``) or refused (``nonfinite="error"``).
+    multi-volume, empty or constant image, and for a header without a usable geometry (zero,
+    negative or non-finite pixdim; a coded sform/qform that is zero or singular). Non-finite
+    voxels are set to 0 with a warning (``nonfinite="zero"``) or refused (``nonfinite="error"``).
     """
     import nibabel as nib
 
@@ -164,6 +208,7 @@ def load_image(path: str | os.PathLike, nonfinite: str = "zero") -> tuple[np.nda
     except (EOFError, OSError, ValueError, zlib.error) as exc:
         raise InputError(path, f"image data is truncated or corrupt ({_short(exc)})") from None
 
+    _check_geometry_fields(path, img)
     affine, qcode, scode, warnings = _validate_header(img)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InputError(path, "header affine is singular or not finite")

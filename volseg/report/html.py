@@ -1,26 +1,20 @@
 """``report.html``: the cohort table (flagged and failed scans first) and each scan's pictures.
 
 One self-contained HTML file beside the outputs; pictures are linked by relative paths
-(``sub-X/figures/*.png``), so the folder can be moved or served as it is.
+(``sub-X/figures/*.png``), so the folder can be moved or served as it is. The page is the
+jinja2 template ``templates/report.html.j2`` (autoescape on); this module orders the records
+and formats the values it shows.
 """
 
 from __future__ import annotations
 
-from html import escape
+from functools import lru_cache
 from pathlib import Path
 
 from volseg import __version__
 
-CSS = """
-body{font-family:sans-serif;margin:1.5em;color:#222}
-table{border-collapse:collapse;font-size:90%}
-th,td{border:1px solid #ccc;padding:3px 6px;text-align:left}
-th{background:#eee}
-tr.flag td{background:#fde2e2} tr.failed td{background:#f4d6a8} tr.check td{background:#fff5cc}
-.scan{margin:1.2em 0;padding-top:.5em;border-top:1px solid #ddd}
-.scan img{max-width:100%;display:block;margin:.3em 0}
-.err{color:#a00;font-family:monospace}
-"""
+TEMPLATE = "report.html.j2"
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 
 
 def _order(rec: dict) -> tuple:
@@ -55,45 +49,44 @@ def _row_class(rec: dict) -> str:
     return "check" if m.get("qc") == "check" else ""
 
 
+@lru_cache(maxsize=1)
+def _template():
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                             keep_trailing_newline=True)
+    return env.get_template(TEMPLATE)
+
+
+def _row(rec: dict) -> dict:
+    """One line of the cohort table, every cell as the text it shows."""
+    m, t = rec.get("measures", {}), rec.get("timings", {})
+    return {"cls": _row_class(rec), "ok": rec.get("status") == "ok", "scan": rec.get("scan", "?"),
+            "status": rec.get("status", ""), "brain": _fmt(m.get("brain_volume_ml")),
+            "score": _fmt(m.get("anomaly_score"), 3), "flagged": _fmt(m.get("anomaly_flag")),
+            "anomalous": _fmt(m.get("anomalous_volume_ml"), 2), "snr": _fmt(m.get("snr")),
+            "qc": "; ".join(m.get("qc_notes", [])) or m.get("qc", ""),
+            "stage": str(rec.get("stage", "")), "error": str(rec.get("error", "")),
+            "time": _fmt(t.get("total_s"))}
+
+
+def _scan(rec: dict) -> dict:
+    """One finished scan's section: its source, pictures and output files."""
+    return {"scan": rec["scan"], "source": rec.get("source", ""),
+            "figures": [(k, Path(p).as_posix()) for k, p in sorted(rec.get("figures", {}).items())],
+            "outputs": [(Path(p).as_posix(), Path(p).name) for p in rec.get("outputs", {}).values()]}
+
+
 def render_report(records: list[dict], out: Path | str = ".") -> str:
     """The report's HTML text for the scan records of :mod:`volseg.cohort.tables`."""
     recs = sorted(records, key=_order)
-    n_ok = sum(r.get("status") == "ok" for r in recs)
-    n_flag = sum(bool(r.get("measures", {}).get("anomaly_flag")) for r in recs if r.get("status") == "ok")
-    n_check = sum(r.get("measures", {}).get("qc") == "check" for r in recs if r.get("status") == "ok")
-    head = ("<tr><th>scan</th><th>status</th><th>brain (mL)</th><th>anomaly score</th>"
-            "<th>flagged</th><th>anomalous (mL)</th><th>SNR</th><th>QC</th><th>time (s)</th></tr>")
-    rows = []
-    for r in recs:
-        m, t = r.get("measures", {}), r.get("timings", {})
-        sid = escape(r.get("scan", "?"))
-        link = f'<a href="#{sid}">{sid}</a>' if r.get("status") == "ok" else sid
-        qc = escape("; ".join(m.get("qc_notes", [])) or m.get("qc", "")) if r.get("status") == "ok" \
-            else f'<span class="err">{escape(str(r.get("stage", "")))}: {escape(str(r.get("error", "")))}</span>'
-        rows.append(
-            f'<tr class="{_row_class(r)}"><td>{link}</td><td>{escape(r.get("status", ""))}</td>'
-            f'<td>{_fmt(m.get("brain_volume_ml"))}</td><td>{_fmt(m.get("anomaly_score"), 3)}</td>'
-            f'<td>{_fmt(m.get("anomaly_flag"))}</td><td>{_fmt(m.get("anomalous_volume_ml"), 2)}</td>'
-            f'<td>{_fmt(m.get("snr"))}</td><td>{qc}</td><td>{_fmt(t.get("total_s"))}</td></tr>')
-    sections = []
-    for r in recs:
-        if r.get("status") != "ok":
-            continue
-        sid = escape(r["scan"])
-        imgs = "".join(
-            f'<img src="{escape(Path(p).as_posix())}" alt="{sid} {escape(k)} QC picture">'
-            for k, p in sorted(r.get("figures", {}).items()))
-        outs = ", ".join(f'<a href="{escape(Path(p).as_posix())}">{escape(Path(p).name)}</a>'
-                         for p in r.get("outputs", {}).values())
-        sections.append(f'<div class="scan" id="{sid}"><h3>{sid}</h3>'
-                        f'<p>{escape(r.get("source", ""))}</p>{imgs}<p>{outs}</p></div>')
-    when = max((r.get("finished", "") for r in recs if r.get("status") == "ok"), default="")
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>volseg QC report: {escape(Path(out).resolve().name)}</title><style>{CSS}</style></head><body>"
-        f"<h1>volseg QC report</h1><p>{len(recs)} scans: {n_ok} done, {len(recs) - n_ok} failed, "
-        f"{n_flag} flagged as anomalous, {n_check} to check. volseg {escape(__version__)}; last scan finished {escape(when)}.</p>"
-        f'<table id="cohort">{head}{"".join(rows)}</table>'
-        f'<h2>Scans</h2>{"".join(sections) or "<p>No finished scans.</p>"}'
-        "</body></html>\n"
+    done = [r for r in recs if r.get("status") == "ok"]
+    return _template().render(
+        folder=Path(out).resolve().name, version=__version__,
+        n_scans=len(recs), n_ok=len(done), n_failed=len(recs) - len(done),
+        n_flag=sum(bool(r.get("measures", {}).get("anomaly_flag")) for r in done),
+        n_check=sum(r.get("measures", {}).get("qc") == "check" for r in done),
+        finished=max((r.get("finished", "") for r in done), default=""),
+        rows=[_row(r) for r in recs], scans=[_scan(r) for r in done],
     )

@@ -1,0 +1,79 @@
+"""QC measures of one processed scan: brain volume, SNR and the notes that put it on the "check" list.
+
+SNR follows Dietrich et al. (2007): the brain's mean intensity over the noise sigma, the sigma
+measured in the air around the head. A magnitude image's air holds Rayleigh noise, whose
+spread is smaller than sigma: ``std(air) = sigma * sqrt((4 - pi) / 2)`` (about 0.655 sigma)
+and ``mean(air) = sigma * sqrt(pi / 2)``; :func:`air_noise_sigma` undoes that.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# Plausible whole-brain mask volumes (mL) for a T1 head of an adult or child.
+BRAIN_ML_RANGE = (700.0, 2200.0)
+# Fewer non-zero air voxels than this and the noise estimate is not trusted (SNR left empty).
+MIN_AIR_VOXELS = 500
+# std(air) / sigma for Rayleigh-distributed air (magnitude of complex Gaussian noise).
+RAYLEIGH_STD_FACTOR = math.sqrt((4.0 - math.pi) / 2.0)
+
+
+def air_noise_sigma(air_values) -> float | None:
+    """The noise sigma from air voxel values of a magnitude image, or None with too little air.
+
+    Zeros (zero padding, defacing, masked-out air) and non-finite values are not noise and are
+    left out before counting; fewer than :data:`MIN_AIR_VOXELS` remaining gives None.
+    """
+    air = np.asarray(air_values, dtype=np.float64).ravel()
+    air = air[np.isfinite(air) & (air != 0)]
+    if air.size < MIN_AIR_VOXELS:
+        return None
+    return float(np.std(air)) / RAYLEIGH_STD_FACTOR
+
+
+def snr(brain_values, sigma: float | None) -> float | None:
+    """Mean brain intensity over the noise sigma (None without a sigma, a zero sigma or a brain)."""
+    brain = np.asarray(brain_values, dtype=np.float64).ravel()
+    if sigma is None or not sigma > 0 or brain.size == 0:
+        return None
+    return float(brain.mean()) / float(sigma)
+
+
+def air_values(img: np.ndarray) -> np.ndarray:
+    """Voxel values outside the (dilated) head, on a subsampled copy for large volumes."""
+    from scipy import ndimage as ndi
+
+    from volseg.transforms.functional import head_mask
+
+    step = 2 if min(img.shape) >= 64 else 1
+    head = ndi.binary_dilation(head_mask(img, step=step), iterations=2)
+    return img[::step, ::step, ::step][~head]
+
+
+def qc_measures(res) -> dict:
+    """Brain volume, SNR and QC notes (plus the anomaly numbers when that stage ran).
+
+    ``res`` is a :class:`~volseg.cohort.stages.ScanResult`: ``meta`` (zooms, header warnings),
+    ``prep.native`` (the N4-corrected image), ``mask`` and ``anomaly`` (either may be None).
+    """
+    meta = res.meta
+    vox_ml = float(np.prod(meta.zooms)) / 1000.0
+    out: dict = {"qc_notes": list(meta.header_warnings)}
+    img = res.prep.native
+    if res.mask is not None:
+        vol = float(res.mask.sum()) * vox_ml
+        out["brain_volume_ml"] = round(vol, 1)
+        lo, hi = BRAIN_ML_RANGE
+        if not lo <= vol <= hi:
+            out["qc_notes"].append(f"brain volume {vol:.0f} mL outside {lo:.0f}-{hi:.0f} mL")
+        value = snr(img[res.mask > 0], air_noise_sigma(air_values(img)))
+        out["snr"] = None if value is None else round(value, 2)
+    if res.anomaly is not None:
+        a = res.anomaly
+        out["anomaly_score"] = round(float(a.score), 6)
+        out["anomaly_flag"] = None if a.flag is None else bool(a.flag)  # None: not calibrated
+        out["anomalous_volume_ml"] = round(float(np.asarray(a.mask).sum()) * vox_ml, 2)
+    out["qc"] = "check" if out["qc_notes"] else "ok"
+    return out
