@@ -38,7 +38,7 @@ FLAT_PATTERN = "{prefix}" + _DERIVED
 
 # Names BIDS has no rule for: kept out of validation (the BIDS validator reads this file).
 BIDSIGNORE = ("*_desc-anomaly_map.*", "*_desc-reconstruction_T1w.*", "sub-*/figures", "*.html", "*.tsv",
-              "logs", ".volseg")
+              "logs", ".volseg", "slurm")
 
 
 @dataclass(frozen=True)
