@@ -62,7 +62,7 @@ def main() -> int:
     from volseg.anomaly.infer import anomaly_finish, anomaly_prepare, load_anomaly_model
     from volseg.anomaly.metrics import voxel_metrics
     from volseg.anomaly.recon import reconstruct
-    from volseg.synth.heads import cohort_seed
+    from volseg.synth.cohort import cohort_seed
 
     model = load_anomaly_model(args.model)
     base = model.cfg

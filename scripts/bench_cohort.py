@@ -48,7 +48,7 @@ def rss_mb(pid: int) -> tuple[float, float]:
 
 def make_cohort(folder: Path, n: int, seed: int) -> None:
     from volseg.synth import synth_head
-    from volseg.synth.heads import write_subject
+    from volseg.synth.cohort import write_subject
 
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):

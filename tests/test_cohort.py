@@ -103,7 +103,7 @@ def test_bids_sessions_map_to_derivative_paths(reference, bids_root):
             assert side["Settings"]["stages"] == ["n4", "strip"] and side["Timings"]["n4_s"] > 0
         mask = np.asarray(nib.load(str(_anat(out, sub, ses) / f"{_prefix(sub, ses)}_desc-brain_mask.nii.gz")).dataobj)
         assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 1}
-        assert (out / f"sub-{sub}" / "figures" / f"{_prefix(sub, ses)}_desc-brain_mask.png").stat().st_size > 5000
+        assert (out / f"sub-{sub}" / "figures" / f"{_prefix(sub, ses)}_desc-brain_qc.png").stat().st_size > 5000
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative"
     assert desc["GeneratedBy"][0]["Name"] == "volseg" and desc["GeneratedBy"][0]["Version"] == __version__
@@ -313,7 +313,7 @@ def test_restart_cleans_only_its_own_staged_files(tmp_path):
     anat = tmp_path / "sub-01" / "anat"
     anat.mkdir(parents=True)
     mine = [anat / ".sub-01_desc-brain_mask.tmp77.nii.gz", anat / ".sub-01_desc-brain_mask.tmp77.json",
-            tmp_path / "sub-01" / "figures" / ".sub-01_desc-brain_mask.png.tmp77"]
+            tmp_path / "sub-01" / "figures" / ".sub-01_desc-brain_qc.png.tmp77"]
     theirs = [anat / ".sub-01_run-2_desc-brain_mask.tmp78.nii.gz",
               record_path(tmp_path, b).with_name(".sub-01_run-2.tmp78.json")]
     rec = record_path(tmp_path, a)

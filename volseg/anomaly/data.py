@@ -98,7 +98,7 @@ def synth_brain(seed: int):
 
 def cached_synth_brains(count: int, seed: int, cfg, cache_dir: Path) -> list[Path]:
     from volseg.anomaly.prep import prepare_brain
-    from volseg.synth.heads import cohort_seed
+    from volseg.synth.cohort import cohort_seed
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     out = []

@@ -4,6 +4,7 @@ Built from nilearn's offline MNI152 2009 template; used for tests, the demo coho
 train skull stripping. Importing this package is cheap: numpy only.
 """
 
-from volseg.synth.heads import SynthSubject, generate_cohort, synth_head, write_subject
+from volseg.synth.cohort import cohort_seed, generate_cohort, write_subject
+from volseg.synth.heads import SynthSubject, synth_head
 
-__all__ = ["SynthSubject", "generate_cohort", "synth_head", "write_subject"]
+__all__ = ["SynthSubject", "cohort_seed", "generate_cohort", "synth_head", "write_subject"]

@@ -20,7 +20,6 @@ import contextlib
 import itertools
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -360,86 +359,3 @@ def _jsonable(obj):
     if isinstance(obj, (float, np.floating)):
         return float(obj)
     return obj
-
-
-def write_subject(subject: SynthSubject, out_dir, name: str) -> dict[str, Path | None]:
-    """Write ``<name>_T1w.nii.gz`` (float32), ``<name>_desc-brain_mask.nii.gz`` (uint8), the
-    lesion mask ``<name>_label-lesion_mask.nii.gz`` when there is one, and the draws as a
-    ``<name>_T1w.json`` sidecar. Returns the paths by ``'image'``, ``'brain_mask'``,
-    ``'lesion_mask'`` (None without lesions) and ``'params'``.
-    """
-    from volseg.io import AtomicWriter, ImageMeta
-
-    out_dir = Path(out_dir)
-    paths = {
-        "image": out_dir / f"{name}_T1w.nii.gz",
-        "brain_mask": out_dir / f"{name}_desc-brain_mask.nii.gz",
-        "lesion_mask": out_dir / f"{name}_label-lesion_mask.nii.gz"
-        if subject.lesion_mask is not None else None,
-        "params": out_dir / f"{name}_T1w.json",
-    }
-    zooms = tuple(float(z) for z in np.linalg.norm(subject.affine[:3, :3], axis=0))
-
-    def meta(path: Path) -> ImageMeta:
-        return ImageMeta(path=str(path), affine=np.asarray(subject.affine, dtype=float),
-                         shape=tuple(subject.image.shape), zooms=zooms, qform_code=1, sform_code=1)
-
-    with AtomicWriter() as w:
-        w.save_image(subject.image, meta(paths["image"]), paths["image"], kind="image")
-        w.save_image(subject.brain_mask, meta(paths["brain_mask"]), paths["brain_mask"], kind="mask")
-        if paths["lesion_mask"] is not None:
-            w.save_image(subject.lesion_mask, meta(paths["lesion_mask"]), paths["lesion_mask"],
-                         kind="mask")
-        w.save_json(subject.params, paths["params"])
-    return paths
-
-
-def cohort_seed(seed: int, index: int) -> int:
-    """Seed of subject ``index`` (0-based) of a cohort generated with ``seed``."""
-    return int(seed) * 100003 + int(index)
-
-
-def generate_cohort(out_dir, n: int, lesions: bool = False,
-                    seed: int = 0) -> list[dict[str, Path | None]]:
-    """Write ``n`` synthetic subjects ``sub-synth001``... and a ``synth_cohort.tsv`` table.
-
-    Subject ``i`` (0-based) uses seed ``seed * 100003 + i``, so cohorts with different seeds
-    do not share subjects. Returns :func:`write_subject`'s paths for each subject.
-    """
-    from volseg.io import AtomicWriter, check_writable_dir
-
-    if n < 1:
-        raise ValueError(f"cohort size n must be at least 1, got {n}")
-    out_dir = check_writable_dir(out_dir)
-    rows = ["name\tseed\tvoxel_size\torientation\toblique\tshape\tfov_mode\tlesion_count"]
-    written = []
-    for i in range(n):
-        name = f"sub-synth{i + 1:03d}"
-        subj_seed = cohort_seed(seed, i)
-        subject = synth_head(subj_seed, lesions=lesions)
-        written.append(write_subject(subject, out_dir, name))
-        p = subject.params
-        rows.append("\t".join([
-            name, str(subj_seed), "x".join(f"{z:g}" for z in p["voxel_size"]), p["orientation"],
-            str(p["oblique"]).lower(), "x".join(str(s) for s in p["shape"]),
-            p["acquisition"]["fov_mode"], str(p["lesion_count"]),
-        ]))
-        log.info("synthetic subject %s (seed %d) written", name, subj_seed)
-    with AtomicWriter() as w:
-        _stage_text(w, "\n".join(rows) + "\n", out_dir / "synth_cohort.tsv")
-    return written
-
-
-def _stage_text(writer, text: str, final: Path) -> None:
-    """Stage a text file in ``writer`` (volseg.io has no public text/TSV writer yet)."""
-    save_text = getattr(writer, "save_text", None)
-    if save_text is not None:
-        save_text(text, final)
-        return
-    from volseg.errors import OutputError
-
-    tmp = writer._tmp(final)
-    try:
-        tmp.write_text(text)
-    except OSError as exc:
-        raise OutputError(final, f"cannot write table ({exc.strerror or exc})") from None
