@@ -1,5 +1,6 @@
 """Site adaptation: fine-tune an anomaly model on a lab's own healthy controls, then calibrate it
-on held-out controls of the same site (``volseg train ae --init``, ``volseg calibrate``).
+on held-out controls of the same site (``volseg train ae --init``, ``volseg calibrate``); the
+controls are found and skull-stripped by :func:`volseg.cohort.controls.control_brains`.
 
 No shipped model knows every scanner; a lab's healthy controls teach it what healthy looks like
 there. Controls are given as files, folders, list files or a BIDS dataset (with participant
@@ -15,42 +16,6 @@ import logging
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-
-
-def control_brains(inputs, out_dir, participants=(), heads: bool = False, strip_model=None,
-                   device="cpu") -> list[Path]:
-    """The brain-only images of healthy controls: the inputs themselves, or (``heads``) their
-    skull-stripped versions written to ``out_dir`` (reused when present)."""
-    from volseg.cohort.inputs import discover
-    from volseg.errors import InputError
-
-    scans = discover(list(inputs), tuple(participants))
-    if not scans:
-        raise InputError(", ".join(map(str, inputs)), "no healthy control scans found")
-    missing = [s.path for s in scans if not Path(s.path).exists()]
-    if missing:
-        raise InputError(missing[0], "file not found")
-    if not heads:
-        return [Path(s.path) for s in scans]
-    from volseg.strip.config import load_strip_config
-    from volseg.strip.infer import strip_file
-    from volseg.nets.folder import load_model
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    net = cfg = None
-    brains = []
-    for s in scans:
-        dest = out / f"{s.prefix}_desc-brain_T1w.nii.gz"
-        if not dest.exists():
-            if net is None:
-                net, _ = load_model(strip_model, kind="strip", device=device)
-                cfg = load_strip_config(None)
-            written = Path(strip_file(s.path, out, net, cfg, device, tta=True)["brain"])
-            if written != dest:
-                written.replace(dest)
-        brains.append(dest)
-    return brains
 
 
 def finetune_config(init_dir, brains, out_dir, steps: int = 300, lr: float = 1e-4, synth: int = 0,
@@ -82,4 +47,4 @@ def finetune_config(init_dir, brains, out_dir, steps: int = 300, lr: float = 1e-
     return dataclasses.replace(base, data=data, train=train)
 
 
-__all__ = ["control_brains", "finetune_config"]
+__all__ = ["finetune_config"]
