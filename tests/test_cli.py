@@ -10,16 +10,52 @@ import sys
 import nibabel as nib
 import numpy as np
 
+COMMANDS = (["preprocess"], ["synth"], ["strip"], ["train"], ["anomaly"], ["calibrate"], ["evaluate"], ["run"],
+            ["gather"], ["slurm"], ["slurm", "submit"])
+
 
 def test_help_is_fast_and_does_not_import_torch():
     code = ("import sys\nfrom volseg.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "heavy = [m for m in ('torch', 'monai', 'nibabel', 'SimpleITK') if m in sys.modules]\n"
+            "for argv in ARGVS:\n"
+            "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0, (argv, e.code)\n"
+            "heavy = [m for m in ('torch', 'monai', 'nibabel', 'SimpleITK', 'numpy') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
-    for sub in ("preprocess", "synth", "strip", "train"):
-        code2 = code.replace("['--help']", f"['{sub}', '--help']")
-        subprocess.run([sys.executable, "-c", code2], check=True, capture_output=True)
+    argvs = [["--help"]] + [[*c, "--help"] for c in COMMANDS]
+    res = subprocess.run([sys.executable, "-c", code.replace("ARGVS", repr(argvs))], capture_output=True, text=True,
+                         check=False)
+    assert res.returncode == 0, res.stderr
+    assert all(c[-1] in res.stdout for c in COMMANDS)
+
+
+def test_command_modules_import_only_common_and_the_library():
+    """The arrows point down: volseg.cli imports the command modules, they import volseg.cli.common
+    and library modules, never each other nor volseg.cli; common imports no command module."""
+    import ast
+    from pathlib import Path
+
+    import volseg.cli
+
+    folder = Path(volseg.cli.__file__).parent
+    modules = {p.stem for p in folder.glob("*.py")} - {"__init__"}
+    assert {"common", "preprocess", "strip", "anomaly", "train", "cohort", "slurm", "synth"} <= modules
+    for name in sorted(modules):
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for t in targets:
+                if t == "volseg.cli" or t.startswith("volseg.cli."):
+                    assert name != "common" and t.startswith("volseg.cli.common"), (name, t)
+    assert len((folder / "__init__.py").read_text().splitlines()) < 100  # builds the parser, nothing more
+
+
+def test_python_dash_m_volseg_is_the_same_command():
+    res = subprocess.run([sys.executable, "-m", "volseg", "strip", "--help"], capture_output=True, text=True,
+                         check=False)
+    assert res.returncode == 0 and res.stdout.startswith("usage: volseg strip")
 
 
 def test_version(run_cli):

@@ -4,16 +4,31 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
+
+from volseg.errors import VolsegError
 
 log = logging.getLogger(__name__)
+
+DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
+
+
+class DeviceError(VolsegError, ValueError):
+    """A device name that is not auto, cpu, cuda or cuda:N."""
+
+
+def check_device_name(name: str) -> str:
+    """``name`` if it is a device volseg understands (no torch import, no GPU check), else :class:`DeviceError`."""
+    if name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(name)):
+        return name
+    raise DeviceError(f"unknown device {name!r}: use {DEVICE_NAMES}")
 
 
 def pick_device(name: str = "auto"):
     """``"auto"`` takes CUDA when available; ``"cuda"`` without a GPU falls back to CPU with a warning."""
     import torch
 
-    if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    check_device_name(name)
     if name == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available():

@@ -5,79 +5,83 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from volseg.cli.common import (
+    EXIT_OK,
+    UsageError,
+    add_control_args,
+    device_name,
+    finish,
+    run_inputs,
+    set_command,
+    set_threads,
+)
+
 
 def _model(args, require_calibration: bool):
     from volseg.anomaly.infer import load_anomaly_model
     from volseg.device import pick_device
 
-    device = pick_device(getattr(args, "device", "auto"))
-    if getattr(args, "threads", 0):
-        import torch
-
-        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    set_threads(getattr(args, "threads", 0))
     return load_anomaly_model(args.model, device, require_calibration=require_calibration)
 
 
 def cmd_anomaly(args) -> int:
     from volseg.anomaly.infer import anomaly_file
-    from volseg.cli import _finish, _unique_ids
     from volseg.io import check_writable_dir
-    from volseg.runner import run_batch
 
     if args.mask and len(args.mask) != len(args.inputs):
-        raise SystemExit(f"volseg anomaly: give one --mask per input ({len(args.inputs)} inputs, "
-                         f"{len(args.mask)} masks)")
+        raise UsageError(f"give one --mask per input ({len(args.inputs)} inputs, {len(args.mask)} masks)")
     check_writable_dir(args.output)
     model = _model(args, require_calibration=True)
     masks = dict(zip(args.inputs, args.mask or [None] * len(args.inputs)))
     strip = None
     if not args.mask:
-        from volseg.strip.config import load_strip_config
         from volseg.nets.folder import load_model
+        from volseg.strip.config import load_strip_config
 
         net, _ = load_model(args.strip_model, kind="strip", device=model.device)
         strip = (net, load_strip_config(None), model.device)
-    inputs, dup = _unique_ids(args.inputs)
-    result = run_batch(inputs, lambda p: anomaly_file(p, args.output, model, masks[p], strip), desc="anomaly")
+    result, dup = run_inputs(args.inputs, lambda p: anomaly_file(p, args.output, model, masks[p], strip),
+                             desc="anomaly")
     for path, outs in result.done:
         flag = "anomalous" if outs["flag"] else "normal"
         print(f"{path} -> {outs['map']} (score {outs['score']:.4f}, {flag})")
-    return _finish(result, dup)
+    return finish(result, dup)
 
 
 def cmd_calibrate(args) -> int:
-    from volseg.anomaly.adapt import control_brains
-    from volseg.nets.folder import copy_model_folder
+    from volseg.cohort.controls import control_brains
     from volseg.anomaly.evaluate import Case, calibrate
     from volseg.io import scan_id
-    from volseg.nets.folder import PACKAGE_MODELS
+    from volseg.nets.folder import PACKAGE_MODELS, copy_model_folder
 
     model = _model(args, require_calibration=False)
     dest = args.output
     if dest is None:
         if Path(model.model_dir).resolve().is_relative_to(PACKAGE_MODELS.resolve()):
-            raise SystemExit("volseg calibrate: give -o DIR, a folder for the calibrated model (its weights and "
-                             "calibration.json); volseg does not write into its installed package")
+            raise UsageError("give -o DIR, a folder for the calibrated model (its weights and calibration.json); "
+                             "volseg does not write into its installed package")
         dest = Path(model.model_dir)
     brains = control_brains(args.healthy, Path(dest) / "controls", tuple(args.participant_label or ()),
                             heads=args.heads, strip_model=args.strip_model) if args.healthy else []
     cases = [Case(id=scan_id(p), image=str(p)) for p in brains]
     if args.synth:
         from volseg.anomaly.data import synth_brain
-        from volseg.synth.heads import cohort_seed
+        from volseg.synth.cohort import cohort_seed
 
         for i in range(args.synth):
             s = cohort_seed(args.synth_seed, i)
             data, mask, meta = synth_brain(s)
             cases.append(Case(id=f"synth{s}", arrays=(data, mask, None, meta)))
     if not cases:
-        raise SystemExit("volseg calibrate: give healthy brain images and/or --synth N")
+        raise UsageError("give healthy brain images and/or --synth N")
     calib = calibrate(model, cases, fpr=args.fpr, percentile=args.percentile)
     out = copy_model_folder(model.model_dir, dest, calib)
     print(f"voxel threshold {calib['voxel_threshold']:.4f} (healthy FPR {calib['voxel_fpr']}), scan threshold "
           f"{calib['scan_threshold']:.4f} ({calib['scan_percentile']}th percentile of {len(cases)} healthy scans) "
           f"-> model folder {out}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_evaluate(args) -> int:
@@ -92,7 +96,7 @@ def cmd_evaluate(args) -> int:
     for h in args.healthy:
         cases += lesion_cases(h, None, args.insert_lesions, seed=args.seed)
     if not cases:
-        raise SystemExit("volseg evaluate anomaly: give --cases CSV and/or --healthy images")
+        raise UsageError("give --cases CSV and/or --healthy images")
     summary = evaluate(model, cases, args.output, panels=not args.no_panels)
     v, s = summary.get("voxel", {}), summary.get("scan", {})
     if v:
@@ -103,7 +107,7 @@ def cmd_evaluate(args) -> int:
         print("scan: " + " ".join(f"{k} {s[k]:.3f}" for k in ("accuracy", "precision", "sensitivity",
                                                                "specificity", "f1", "roc_auc")))
     print(f"tables and pictures in {args.output}", file=sys.stderr)
-    return 0
+    return EXIT_OK
 
 
 def _suite(args, model) -> int:
@@ -113,8 +117,8 @@ def _suite(args, model) -> int:
     from volseg.io import scan_id
 
     if not args.healthy:
-        raise SystemExit("volseg evaluate anomaly --suite: give held-out healthy brains with --healthy "
-                         "(never used to train or calibrate the model)")
+        raise UsageError("--suite: give held-out healthy brains with --healthy (never used to train or "
+                         "calibrate the model)")
     cases = []
     for h in args.healthy:
         cases += synthetic_cases(scan_id(h), str(h), per_family=args.per_family, seed=args.seed or 1000)
@@ -124,15 +128,7 @@ def _suite(args, model) -> int:
     run_suite(model, cases, args.output, template=not args.no_template)
     print((Path(args.output) / "suite.md").read_text())
     print(f"tables in {args.output}: suite.md, suite_groups.tsv, suite_cases.tsv, suite.json", file=sys.stderr)
-    return 0
-
-
-def add_control_args(p) -> None:
-    """How healthy controls are chosen and read (``calibrate`` and ``train ae --init``)."""
-    p.add_argument("--participant-label", nargs="+", default=None, metavar="LABEL",
-                   help="BIDS participants to use as controls")
-    p.add_argument("--heads", action="store_true", help="the controls are whole heads: skull-strip them first")
-    p.add_argument("--strip-model", type=Path, default=None, help="skull-strip model for --heads (default: shipped)")
+    return EXIT_OK
 
 
 def register(sub) -> None:
@@ -149,9 +145,9 @@ def register(sub) -> None:
                    help="brain mask of the input (repeat once per input, in order)")
     p.add_argument("--model", type=Path, default=None, help="anomaly model folder (default: shipped)")
     p.add_argument("--strip-model", type=Path, default=None, help="skull-strip model folder (default: shipped)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--device", default="auto", type=device_name, help="auto, cpu or cuda (default auto)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's)")
-    p.set_defaults(func=cmd_anomaly)
+    set_command(p, cmd_anomaly)
 
     p = sub.add_parser("calibrate", help="set the anomaly thresholds on healthy brains",
                        description="Voxel threshold at a healthy false-positive rate, scan threshold at "
@@ -170,8 +166,8 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", type=Path, default=None,
                    help="folder of the calibrated model: weights, model.json and calibration.json (default: the "
                         "--model folder itself; required for the shipped model)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.set_defaults(func=cmd_calibrate)
+    p.add_argument("--device", default="auto", type=device_name, help="auto, cpu or cuda")
+    set_command(p, cmd_calibrate)
 
     p = sub.add_parser("evaluate", help="measure the anomaly stage on labelled cases",
                        description="Voxel AUROC/AUPRC pooled over brain voxels, Dice at the calibrated "
@@ -196,5 +192,5 @@ def register(sub) -> None:
                    help="--suite: folder with lesion/brats2013 and lesion/open_ms_mni (default $VOLSEG_SHARED_DATA)")
     p.add_argument("--no-template", action="store_true", help="--suite: skip the template baseline")
     p.add_argument("-o", "--output", required=True, type=Path, help="output folder")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.set_defaults(func=cmd_evaluate)
+    p.add_argument("--device", default="auto", type=device_name, help="auto, cpu or cuda")
+    set_command(p, cmd_evaluate)

@@ -1,5 +1,4 @@
-"""Subcommands of ``volseg`` for the hpc stage (registered by :func:`register`):
-``volseg slurm submit``."""
+"""``volseg slurm submit``: a cohort as a SLURM job array plus a gather job."""
 
 from __future__ import annotations
 
@@ -8,11 +7,11 @@ import shlex
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED = 0, 1
+from volseg.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, set_command
 
 
 def cmd_slurm_submit(args) -> int:
-    from volseg.hpc.slurm import Resources, build_plan, count_scans, render, submit
+    from volseg.cohort.slurm import Resources, build_plan, count_scans, render, submit
 
     res = Resources(partition=args.partition, time=args.time, mem=args.mem or None,
                     cpus_per_task=args.cpus_per_task, gpus=args.gpus,
@@ -48,7 +47,7 @@ def cmd_slurm_submit(args) -> int:
 
 
 def _wait(sub, poll: float) -> int:
-    from volseg.hpc.slurm import read_failures, wait
+    from volseg.cohort.slurm import read_failures, wait
 
     def show(states):
         counts: dict[str, int] = {}
@@ -61,7 +60,7 @@ def _wait(sub, poll: float) -> int:
     except KeyboardInterrupt:
         print(f"volseg slurm: stopped waiting; the jobs go on (squeue -j {sub.array_id},{sub.gather_id})",
               file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     bad_jobs = {j: s for j, s in states.items() if s != "COMPLETED"}
     failures = read_failures(sub.plan.out)
     summary = sub.plan.out / "volseg_summary.tsv"
@@ -84,7 +83,6 @@ def _positive(value: str) -> int:
 
 
 def register(sub) -> None:
-    """Add this module's subcommands to the ``volseg`` subparsers ``sub``."""
     p = sub.add_parser("slurm", help="run a cohort as a SLURM job array",
                        description="Run `volseg run` over a cohort as a SLURM job array.")
     ssub = p.add_subparsers(dest="slurm_command", metavar="SUBCOMMAND", required=True)
@@ -131,4 +129,4 @@ def register(sub) -> None:
     s.add_argument("--poll", type=float, default=2.0, metavar="SECONDS",
                    help="squeue polling interval with --wait (default 2)")
     s.add_argument("--dry-run", action="store_true", help="print the scripts; write and submit nothing")
-    s.set_defaults(func=cmd_slurm_submit)
+    set_command(s, cmd_slurm_submit)

@@ -1,11 +1,11 @@
-"""Subcommands of ``volseg`` for the cohort stage: ``run`` and ``gather``."""
+"""``volseg run`` (a cohort end to end) and ``volseg gather`` (merge the shards of a run)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from volseg.cli.common import EXIT_FAILED, EXIT_OK, UsageError, device_name, set_command
 
 
 def cmd_run(args) -> int:
@@ -17,11 +17,9 @@ def cmd_run(args) -> int:
         stages = parse_stages(args.stages)
         shard = parse_shard(args.shard)
     except (StageError, ShardError) as exc:
-        print(f"volseg run: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(str(exc)) from None
     if args.jobs < 1 or args.threads < 0 or (args.batch_size is not None and args.batch_size < 1):
-        print("volseg run: error: --jobs and --batch-size must be >= 1 and --threads >= 0", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError("--jobs and --batch-size must be >= 1 and --threads >= 0")
     inputs = list(args.inputs)
     if not inputs:
         from volseg.cohort.example import example_cohort
@@ -42,8 +40,7 @@ def cmd_run(args) -> int:
                          jobs=args.jobs, shard=shard, overwrite=args.overwrite,
                          report=not args.no_report, argv=sys.argv)
     except StageError as exc:
-        print(f"volseg run: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(str(exc)) from None
     print(f"volseg run: {len(res.done)} done, {len(res.skipped)} already complete (skipped), "
           f"{len(res.failed)} failed; log {res.log_file}", file=sys.stderr)
     for rec in res.failed:
@@ -68,7 +65,10 @@ def _list(inputs, args, shard) -> int:
 
 def cmd_gather(args) -> int:
     from volseg.cohort.tables import gather
+    from volseg.errors import InputError
 
+    if not args.output.is_dir():
+        raise InputError(args.output, "folder not found (give the folder of a 'volseg run -o')")
     res = gather(args.output, report=not args.no_report)
     print(f"volseg gather: {res.n_ok} scans done, {res.n_failed} failed"
           + (f"; unfinished shards: {', '.join(res.missing_shards)}" if res.missing_shards else ""),
@@ -79,7 +79,6 @@ def cmd_gather(args) -> int:
 
 
 def register(sub) -> None:
-    """Add ``run`` and ``gather`` to the ``volseg`` subparsers ``sub``."""
     p = sub.add_parser(
         "run", help="a cohort end to end: N4, skull stripping, anomaly maps, tables, QC report",
         description="Run a cohort (a BIDS dataset, folders of scans, text/CSV lists or files) into a "
@@ -98,7 +97,7 @@ def register(sub) -> None:
                    help="YAML settings in the configs/strip.yaml format (preprocess: section for N4)")
     p.add_argument("--participant-label", nargs="+", default=None, metavar="LABEL",
                    help="only these subjects (with or without 'sub-')")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--device", default="auto", type=device_name, help="auto, cpu or cuda (default auto)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch and N4 (default: the libraries' own)")
     p.add_argument("--jobs", type=int, default=1,
@@ -120,7 +119,7 @@ def register(sub) -> None:
     p.add_argument("--no-report", action="store_true", help="no QC pictures and no report.html")
     p.add_argument("--list", action="store_true",
                    help="only print the scans (of this shard) and their output prefixes")
-    p.set_defaults(func=cmd_run)
+    set_command(p, cmd_run)
 
     p = sub.add_parser("gather", help="merge the shards of a run into the tables and the report",
                        description="Rebuild OUT/volseg_summary.tsv, OUT/volseg_failures.tsv and "
@@ -128,4 +127,4 @@ def register(sub) -> None:
                                    "Exit code 1 when a scan failed or a shard has not finished.")
     p.add_argument("output", type=Path, metavar="OUT", help="the folder given to volseg run -o")
     p.add_argument("--no-report", action="store_true", help="tables only")
-    p.set_defaults(func=cmd_gather)
+    set_command(p, cmd_gather)
