@@ -18,9 +18,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from test_cohort import fast_cfg  # noqa: F401  (a fixture)
 from volseg.nets.folder import PACKAGE_MODELS
 
-FAST_YAML = "preprocess:\n  n4:\n    shrink_target_mm: 8.0\n    iterations: [20, 20]\n"
 
 
 def _save(arr, affine, path: Path) -> Path:
@@ -59,13 +59,6 @@ def _one_error_line(res, *names) -> None:
     assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and all(n in lines[0] for n in names), res.stderr
-
-
-@pytest.fixture(scope="module")
-def fast_cfg(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("cfg") / "fast.yaml"
-    p.write_text(FAST_YAML)
-    return p
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ Examples::
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,

@@ -18,10 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from volseg import __version__
 from volseg.config import Config, config_to_dict
 from volseg.io import AtomicWriter, ImageMeta, load_image, scan_id
-
 
 
 @dataclass
@@ -32,7 +30,7 @@ class Prepared:
     native: np.ndarray  # N4-corrected, native grid
     log_field: np.ndarray
     data: dict  # the chain's output dict: "image" (MetaTensor on the grid) and "native"
-    chain: object  # the Compose, for Invertd
+    chain: object  # the Compose (its HeadGrid; Invertd can invert through it)
     timings: dict
 
     @property
@@ -82,10 +80,10 @@ def grid_nifti(tensor):
 def preprocess_file(path: str, out_dir: str | Path, cfg: Config) -> dict[str, Path]:
     """Preprocess one scan into ``out_dir``; all files appear together or none do."""
     t0 = time.perf_counter()
-    data, meta = load_image(path, nonfinite=cfg.io.nonfinite)
-    prep = prepare(data, meta, cfg)
     from volseg.io.derivatives import output_path, save_output, sidecar, sidecar_path
 
+    data, meta = load_image(path, nonfinite=cfg.io.nonfinite)
+    prep = prepare(data, meta, cfg)
     sid = scan_id(path)
     n4_info = prep.grid_image.meta.get("volseg_n4", {})
     grid_info = prep.grid_image.meta.get("volseg_grid", {})

@@ -25,7 +25,6 @@ from volseg.errors import InputError
 from volseg.io import AtomicWriter, ImageMeta, load_image, scan_id
 
 
-
 @dataclass
 class AnomalyModel:
     net: object
@@ -142,12 +141,7 @@ def anomaly_finish(prep, recon: np.ndarray, model: AnomalyModel, cfg: AEConfig |
     mask = prep.mask
     amap = np.where(mask, np.maximum(prep.to_native(gmap), 0.0), 0.0).astype(np.float32)
     low, wm = prep.scale["low"], prep.scale["wm"]
-    thr = voxel_threshold if voxel_threshold is not None else model.voxel_threshold
-    if thr is not None:
-        amask = remove_small((amap > thr) & mask, mc.min_component_voxels).astype(np.uint8)
-    else:
-        amask = np.zeros(mask.shape, np.uint8)
-    flag = None if model.scan_threshold is None else bool(score > model.scan_threshold)
+    amask, flag, calib = apply_calibration(amap, mask, score, model, cfg, voxel_threshold)
     t4 = time.perf_counter()
     timings = {k: v for k, v in prep.timings.items() if k != "prepare_s"}
     prep_s = prep.timings.get("prepare_s", 0.0)
@@ -156,14 +150,31 @@ def anomaly_finish(prep, recon: np.ndarray, model: AnomalyModel, cfg: AEConfig |
                    anomaly_s=round(prep_s - prep.timings.get("n4_s", 0.0) + recon_s + t4 - t2, 3),
                    total_s=round(prep_s + recon_s + t4 - t2, 3))
     info = {"Model": {"sha256": model.info.get("sha256"), "net": model.info.get("net"), "kind": "ae"},
-            "Calibration": model.calibration, "VoxelThreshold": thr,
-            "ScanThreshold": model.scan_threshold, "Maps": {k: getattr(mc, k) for k in mc.__dataclass_fields__},
+            **calib, "Maps": {k: getattr(mc, k) for k in mc.__dataclass_fields__},
             "IntensityScale": {"low": low, "white_matter": wm},
             "ScanScore": score, "ScanScoreDefinition": f"mean of the top {cfg.calibration.score_top_percent}% "
-                                                       "of anomaly-map values in the brain on the 2 mm grid",
-            "Anomalous": flag}
+                                                       "of anomaly-map values in the brain on the 2 mm grid"}
     return AnomalyResult(map=amap, mask=amask, score=score, flag=flag,
                          timings=timings, info=info, grid_map=gmap, grid_recon=recon, prep=prep)
+
+
+def apply_calibration(amap: np.ndarray, brain: np.ndarray, score: float, model: AnomalyModel,
+                      cfg: AEConfig | None = None, voxel_threshold: float | None = None):
+    """The calibrated verdict on a native-grid anomaly map and its scan score: ``(anomaly mask
+    (uint8), flag, sidecar fields)``. The mask is the map above the voxel threshold inside the
+    brain, without components under ``maps.min_component_voxels``; the flag is the score above
+    the scan threshold; both are empty/None for an uncalibrated model. ``volseg run`` applies
+    a new calibration to a stored map with this same function."""
+    thr = voxel_threshold if voxel_threshold is not None else model.voxel_threshold
+    brain = np.asarray(brain) > 0
+    if thr is not None:
+        amask = remove_small((amap > thr) & brain, (cfg or model.cfg).maps.min_component_voxels).astype(np.uint8)
+    else:
+        amask = np.zeros(brain.shape, np.uint8)
+    flag = None if model.scan_threshold is None else bool(score > model.scan_threshold)
+    info = {"Calibration": model.calibration, "VoxelThreshold": thr, "ScanThreshold": model.scan_threshold,
+            "Anomalous": flag}
+    return amask, flag, info
 
 
 def load_brain_input(path, mask_path=None) -> tuple[np.ndarray, np.ndarray, ImageMeta]:
@@ -223,5 +234,5 @@ def anomaly_file(path, out_dir, model: AnomalyModel, mask_path=None, strip=None)
 
 
 __all__ = ["AnomalyModel", "AnomalyResult", "load_anomaly_model", "anomaly_volume", "anomaly_prepare",
-           "anomaly_finish", "anomaly_file",
+           "anomaly_finish", "apply_calibration", "anomaly_file",
            "write_anomaly", "load_brain_input"]

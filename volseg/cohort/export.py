@@ -193,25 +193,19 @@ def refresh_flags(out: Path, scan, ctx) -> dict:
     import json
     from types import SimpleNamespace
 
-    from volseg.anomaly.maps import remove_small
+    from volseg.anomaly.infer import apply_calibration
     from volseg.io import load_image
 
     t0 = time.perf_counter()
     out = Path(out)
     rec = read_record(out, scan)
     paths = {k: out / v for k, v in rec["outputs"].items()}
-    model = ctx.anomaly_model
-    _, meta = load_image(scan.path, nonfinite=ctx.cfg.preprocess.io.nonfinite)
-    amap, _ = load_image(paths["anomaly_map"])
+    # the stored map carries the input's grid, affine and codes: its header serves for the new mask
+    amap, meta = load_image(paths["anomaly_map"])
     brain, _ = load_image(paths["mask"])
-    thr = model.voxel_threshold
-    amask = (remove_small((amap > thr) & (brain > 0), model.cfg.maps.min_component_voxels).astype(np.uint8)
-             if thr is not None else np.zeros(amap.shape, np.uint8))
     score = float(rec["measures"]["anomaly_score"])
-    flag = None if model.scan_threshold is None else bool(score > model.scan_threshold)
+    amask, flag, calib = apply_calibration(amap, brain, score, ctx.anomaly_model)
     vol = round(float(amask.sum()) * float(np.prod(meta.zooms)) / 1000.0, 2)
-    calib = {"Calibration": model.calibration, "VoxelThreshold": thr, "ScanThreshold": model.scan_threshold,
-             "Anomalous": flag}
     measures = dict(rec["measures"], anomaly_flag=flag, anomalous_volume_ml=vol)
     figs = {k: out / v for k, v in (rec.get("figures") or {}).items() if k == "anomaly"}
     with _Writer() as w:

@@ -20,7 +20,6 @@ from volseg.strip.config import StripConfig
 from volseg.transforms.functional import largest_component
 
 
-
 def for_model(cfg: StripConfig, net) -> StripConfig:
     """``cfg`` with the working grid and intensity normalisation the network was trained with
     (``config.preprocess`` of its ``model.json``): a model trained with other settings is never
@@ -35,7 +34,6 @@ def for_model(cfg: StripConfig, net) -> StripConfig:
     trained = config_from_dict(stored, Config, source="model.json config.preprocess")
     pre = dataclasses.replace(cfg.preprocess, grid=trained.grid, intensity=trained.intensity)
     return dataclasses.replace(cfg, preprocess=pre)
-
 
 
 def predict_grid(net, grid_image, device, tta: bool = False):
