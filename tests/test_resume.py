@@ -126,3 +126,39 @@ def test_an_empty_input_folder_fails_alone(run_cli, cohort, tmp_path):
     assert len(failures) == 2 and str(empty) in failures[1] and "no scans" in failures[1]
     assert "inputs" in failures[1].split("\t")
     assert sum(str(empty) in ln and "no scans" in ln for ln in res.stderr.splitlines()) >= 1
+
+
+def test_a_new_anomaly_setting_reruns_the_anomaly_stage_alone(run_cli, cohort, tmp_path):
+    """A changed map setting of the anomaly model: the rerun reads back the N4 image and brain
+    mask, rewrites only the anomaly outputs, and they equal those of a fresh run."""
+    head = cohort / "in" / "sub-01_T1w.nii.gz"
+    model = _model_copy(tmp_path / "ae")
+    out = tmp_path / "deriv"
+    args = ("run", head, "-o", out, "--stages", ALL, "-c", cohort / "fast.yaml", "--anomaly-model", model)
+    assert run_cli(*args).returncode == 0
+    before = _snapshot(out)
+    info = json.loads((model / "model.json").read_text())
+    assert info["config"]["maps"]["median_size"] != 3
+    info["config"]["maps"]["median_size"] = 3  # settings live beside the weights; their checksum is unchanged
+    (model / "model.json").write_text(json.dumps(info))
+
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr
+    changed = {Path(k).name for k, v in _snapshot(out).items()
+               if before.get(k) != v and not k.startswith((".volseg", "volseg_", "report"))}
+    assert changed == {f"sub-01_{s}" for s in ("desc-anomaly_map.nii.gz", "desc-anomaly_map.json",
+                                               "label-anomaly_mask.nii.gz", "label-anomaly_mask.json",
+                                               "desc-anomaly_qc.png")}
+    rec = _record(out, "sub-01")
+    assert rec["refreshed"] == "anomaly" and "n4_s" in rec["timings"]
+
+    fresh = tmp_path / "fresh"
+    assert run_cli("run", head, "-o", fresh, "--stages", ALL, "-c", cohort / "fast.yaml",
+                   "--anomaly-model", model).returncode == 0
+    name = "sub-01/anat/sub-01_desc-anomaly_map.nii.gz"
+    rerun_map = np.asarray(nib.load(out / name).dataobj)
+    np.testing.assert_allclose(rerun_map, np.asarray(nib.load(fresh / name).dataobj), atol=1e-5)
+    assert rec["measures"]["anomaly_score"] == pytest.approx(_record(fresh, "sub-01")["measures"]["anomaly_score"],
+                                                             abs=1e-5)
+    side = json.loads((out / name.replace(".nii.gz", ".json")).read_text())
+    assert side["Anomaly"]["Maps"]["median_size"] == 3

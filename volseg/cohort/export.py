@@ -120,15 +120,20 @@ def base_record(scan, status: str) -> dict:
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def export_scan(out: Path, scan, res, ctx) -> dict:
-    """Write the scan's images, sidecars and pictures, then its record; return the record."""
+def export_scan(out: Path, scan, res, ctx, only=None) -> dict:
+    """Write the scan's images, sidecars and pictures, then its record; return the record.
+    ``only``: the anomaly outputs alone (a rerun with a new anomaly model), merged into the
+    scan's existing record; the other files are left as they are."""
     from volseg.cohort.qc import qc_measures
 
     t0 = time.perf_counter()
     out = Path(out)
     meta, prep = res.meta, res.prep
-    paths = output_paths(out, scan, ctx.stages)
+    paths = all_paths = output_paths(out, scan, ctx.stages)
     figs = figure_paths(out, scan, ctx.stages, ctx.figures)
+    if only:
+        paths = {k: p for k, p in paths.items() if OUTPUTS[k].stage == "anomaly"}
+        figs = {k: p for k, p in figs.items() if k == "anomaly"}
     measures = qc_measures(res)
     rel = {k: str(p.relative_to(out)) for k, p in paths.items()}
     timings = {k: round(v, 3) for k, v in res.timings.items()}
@@ -136,11 +141,11 @@ def export_scan(out: Path, scan, res, ctx) -> dict:
     vox_ml = float(np.prod(meta.zooms)) / 1000.0
 
     def info(key: str, sources: tuple[str, ...] = (), **extra) -> dict:
-        uris = [D.bids_uri(out, paths[s]) for s in sources if s in paths]
+        uris = [D.bids_uri(out, all_paths[s]) for s in sources if s in all_paths]
         return D.sidecar(key, meta, ctx.preprocess_cfg, uris, **extra, Models=ctx.models, Settings=settings,
                          Timings=timings)
 
-    n4 = prep.grid_image.meta.get("volseg_n4", {})
+    n4 = prep.grid_image.meta.get("volseg_n4", {}) if not only else {}
     arrays = {"preproc": lambda: prep.native, "mask": lambda: res.mask,
               "brain": lambda: np.where(res.mask > 0, res.data, 0).astype(np.float32),
               "anomaly_map": lambda: np.asarray(res.anomaly.map, dtype=np.float32),
@@ -160,7 +165,7 @@ def export_scan(out: Path, scan, res, ctx) -> dict:
             w.save_image(arrays[key](), meta, path, kind=OUTPUTS[key].kind)
             w.save_json(sidecars[key](), sidecar_path(path))
         if figs:
-            _draw_figures(w, scan, res, figs, vox_ml)
+            _draw_figures(w, scan, res, figs, vox_ml, keys=tuple(figs))
     timings["export_s"] = round(time.perf_counter() - t0, 3)
     timings["total_s"] = round(sum(v for k, v in timings.items() if k != "total_s"), 3)
     record = base_record(scan, "ok")
@@ -168,28 +173,41 @@ def export_scan(out: Path, scan, res, ctx) -> dict:
                   outputs=rel,
                   figures={k: str(p.relative_to(out)) for k, p in figs.items()},
                   measures=measures, timings=timings, stages=list(ctx.stages))
+    if only:  # the record of the first run, with the new anomaly outputs, numbers and times
+        record = dict(only, **{k: record[k] for k in ("fingerprint", "fingerprints", "finished", "volseg_version")},
+                      outputs=dict(only["outputs"], **rel), figures=dict(only.get("figures") or {}, **record["figures"]),
+                      measures=dict(only["measures"], **measures),
+                      timings=dict(only["timings"], anomaly_s=timings.get("anomaly_s"),
+                                   rerun_anomaly_s=timings["total_s"]),
+                      refreshed="anomaly")
     write_record(out, scan, record)  # last: the scan is complete from here on
     return record
 
 
-def flags_only(out: Path, scan, ctx) -> bool:
-    """Whether only the anomaly mask and flag of a complete scan are out of date (a recalibrated
-    model): every other output's fingerprint still matches and its files exist."""
+# What a rerun can redo without the rest: a recalibration changes only the anomaly mask and flag;
+# a new anomaly model or map setting changes the map too, but not N4 or the brain mask.
+FLAGS_ONLY = frozenset({"anomaly_mask", "figures"})
+ANOMALY_ONLY = frozenset({"anomaly_map", "anomaly_mask", "figures"})
+
+
+def stale_outputs(out: Path, scan, ctx) -> frozenset | None:
+    """The outputs of a complete scan whose fingerprints no longer match ``ctx`` (empty: none),
+    or None when the scan has to be computed whole: no ok record, a changed input, other
+    outputs than the stages write now, or a file missing."""
     rec = read_record(out, scan)
     if not rec or rec.get("status") != "ok" or rec.get("input") != input_stamp(scan.path):
-        return False
+        return None
     old, new = rec.get("fingerprints") or {}, ctx.fingerprints()
-    same = {k for k in new if old.get(k) == new[k]}
-    if "anomaly_mask" not in new or "anomaly_mask" in same or set(new) - same != {"anomaly_mask", "figures"}:
-        return False
     files = list(rec.get("outputs", {}).values()) + list(rec.get("figures", {}).values())
-    return set(rec.get("outputs", {})) == set(new) - {"figures"} and all((Path(out) / f).exists() for f in files)
+    if set(rec.get("outputs", {})) != set(new) - {"figures"} or not all((Path(out) / f).exists() for f in files):
+        return None
+    return frozenset(k for k in new if old.get(k) != new[k])
 
 
 def refresh_flags(out: Path, scan, ctx) -> dict:
     """Re-threshold a complete scan's anomaly map with the model's current calibration: rewrite
     the anomaly mask, the two anomaly sidecars, the anomaly picture and the record; nothing else
-    (see :func:`flags_only`)."""
+    (:data:`FLAGS_ONLY` are stale)."""
     import json
     from types import SimpleNamespace
 

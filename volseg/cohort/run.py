@@ -107,23 +107,27 @@ def _context(opts: RunOptions):
                          anomaly_model=opts.anomaly_model)
 
 
-def process_batch(out: Path, scans, ctx) -> list[dict]:
+def process_batch(out: Path, scans, ctx, anomaly_only: bool = False) -> list[dict]:
     """Compute several scans together (networks batched), then export each; a failing scan is
-    recorded with its error and its outputs removed, the others are exported."""
-    from volseg.cohort.export import start_scan
+    recorded with its error and its outputs removed, the others are exported.
+    ``anomaly_only``: the scans are complete but for their anomaly outputs (a new anomaly model
+    or map setting): their N4 image and brain mask are read back and only the anomaly stage runs."""
+    from volseg.cohort.export import read_record, start_scan
     from volseg.cohort.stages import compute_batch
 
+    stored = [dict(read_record(out, s), root=str(out)) for s in scans] if anomaly_only else None
     for scan in scans:
         start_scan(out, scan)
-    results = compute_batch([s.path for s in scans], ctx)
+    results = compute_batch([s.path for s in scans], ctx, stored)
     records = []
     for k, scan in enumerate(scans):
         res, results[k] = results[k], None  # let each scan's arrays go once it is written
-        records.append(_export_one(out, scan, res, ctx))
+        only = {key: v for key, v in stored[k].items() if key != "root"} if anomaly_only else None
+        records.append(_export_one(out, scan, res, ctx, only))
     return records
 
 
-def _export_one(out: Path, scan, res, ctx) -> dict:
+def _export_one(out: Path, scan, res, ctx, only=None) -> dict:
     from volseg.cohort.export import base_record, export_scan, remove_outputs, write_record
     from volseg.cohort.stages import ScanFailure
 
@@ -131,7 +135,7 @@ def _export_one(out: Path, scan, res, ctx) -> dict:
         if isinstance(res, ScanFailure):
             raise res
         try:
-            record = export_scan(out, scan, res, ctx)
+            record = export_scan(out, scan, res, ctx, only)
         except Exception as exc:
             from volseg.errors import VolsegError
 
@@ -212,7 +216,8 @@ def run_cohort(inputs, out, *, opts: RunOptions = RunOptions(), participants=(),
     """Run the cohort named by ``inputs`` into the BIDS-derivatives folder ``out``."""
     from tqdm import tqdm
 
-    from volseg.cohort.export import base_record, flags_only, is_complete, read_record, refresh_flags
+    from volseg.cohort.export import (ANOMALY_ONLY, FLAGS_ONLY, base_record, is_complete, read_record,
+                                      refresh_flags, stale_outputs)
     from volseg.cohort.inputs import discover, split_duplicates
     from volseg.cohort.shard import select_shard, shard_name
     from volseg.cohort.tables import gather, write_tables
@@ -256,19 +261,23 @@ def run_cohort(inputs, out, *, opts: RunOptions = RunOptions(), participants=(),
                 rec.update(stage="inputs", error=err)
                 dup_records.append(rec)
             result.failed += dup_records
-            todo = []
+            todo, anomaly_todo = [], []
             for scan in mine:
                 if not overwrite and is_complete(out, scan, fp):
                     result.skipped.append(read_record(out, scan))
-                elif not overwrite and flags_only(out, scan, ctx):  # recalibrated: re-threshold only
+                    continue
+                stale = None if overwrite else stale_outputs(out, scan, ctx)
+                if stale == FLAGS_ONLY:  # recalibrated: re-threshold the stored map
                     try:
                         result.done.append(refresh_flags(out, scan, ctx))
                         log.info("%s: anomaly mask and flag updated for the new calibration", scan.path)
+                        continue
                     except Exception as exc:  # anything unexpected on disk: recompute the scan
                         log.warning("%s: cannot update the anomaly flag alone (%s); recomputing", scan.path, exc)
-                        todo.append(scan)
-                else:
-                    todo.append(scan)
+                (anomaly_todo if stale == ANOMALY_ONLY else todo).append(scan)
+            for group in chunks(anomaly_todo, ctx.batch_size):  # new anomaly model: that stage only
+                for rec in process_batch(out, group, ctx, anomaly_only=True):
+                    (result.done if rec["status"] == "ok" else result.failed).append(rec)
             if result.skipped:
                 log.info("%d scan(s) already complete, skipped (--overwrite redoes them)",
                          len(result.skipped))

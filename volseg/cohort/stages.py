@@ -204,7 +204,7 @@ def compute_scan(path: str, ctx: Context) -> ScanResult:
     return res
 
 
-def compute_batch(paths, ctx: Context) -> list:
+def compute_batch(paths, ctx: Context, stored: list | None = None) -> list:
     """Run the stages on several input files, the networks on all of them at once.
 
     Loading, N4, the inverse to the native grid and the mask clean-up run scan by scan; the
@@ -212,13 +212,19 @@ def compute_batch(paths, ctx: Context) -> list:
     (``ctx.batch_size`` at a time). Returns, in order, a :class:`ScanResult` or the
     :class:`ScanFailure` of each path: a failing scan drops out and the others go on. A
     batched network's time is shared equally among its scans in their timings.
+
+    ``stored``: for each path, the record of its earlier run: the N4-corrected image and brain
+    mask are read back from that run's outputs and only the anomaly stage runs.
     """
-    out: list = [_guarded(p, "load", _load_prepare, p, ctx) for p in paths]
+    if stored is None:
+        out: list = [_guarded(p, "load", _load_prepare, p, ctx) for p in paths]
+    else:
+        out = [_guarded(p, "load", _load_stored, p, rec, ctx) for p, rec in zip(paths, stored)]
 
     def live():
         return [i for i, r in enumerate(out) if isinstance(r, ScanResult)]
 
-    if "strip" in ctx.stages and live():
+    if "strip" in ctx.stages and stored is None and live():
         from volseg.strip.infer import predict_grid_batch
 
         idx = live()
@@ -280,6 +286,29 @@ def _load_prepare(path, ctx: Context) -> ScanResult:
         raise prep
     timings["n4_s"] = prep.timings["n4_s"] + prep.timings["grid_s"]
     return ScanResult(data=data, meta=meta, prep=prep, timings=timings)
+
+
+@dataclass
+class StoredPrep:
+    """The N4-corrected image of an earlier run, read back (stands in for a Prepared)."""
+
+    native: np.ndarray
+
+
+def _load_stored(path, rec: dict, ctx: Context) -> ScanResult:
+    """The input's header and intensities, and the N4-corrected image and brain mask that an
+    earlier run of the same settings wrote (``rec``: its record, paths relative to ``ctx.out``)."""
+    from pathlib import Path
+
+    from volseg.io import load_image
+
+    t0 = time.perf_counter()
+    data, meta = load_image(path, nonfinite=ctx.cfg.preprocess.io.nonfinite)
+    root = Path(rec["root"])
+    native, _ = load_image(root / rec["outputs"]["preproc"])
+    mask, _ = load_image(root / rec["outputs"]["mask"])
+    return ScanResult(data=data, meta=meta, prep=StoredPrep(native), mask=(mask > 0).astype(np.uint8),
+                      timings={"load_s": time.perf_counter() - t0})
 
 
 def _finish_strip(res: ScanResult, prob, net_s: float, ctx: Context) -> ScanResult:
