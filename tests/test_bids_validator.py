@@ -50,3 +50,35 @@ def test_run_outputs_pass_the_bids_validator(run_cli, tmp_path):
     side.write_text(json.dumps(dict(info, Type="Anomaly")))
     bad = [i for i in _issues(out, exe) if i["severity"] == "error"]
     assert any(i["code"] == "JSON_SCHEMA_VALIDATION_ERROR" for i in bad)
+
+
+
+def _write_many(roots, barrier):
+    from volseg.io.derivatives import write_bidsignore
+
+    barrier.wait()
+    for root in roots:
+        write_bidsignore(root)
+
+
+def test_bidsignore_survives_shards_writing_it_at_once(tmp_path):
+    """The shards of a SLURM array all write ``.bidsignore`` when they start (a shared temporary
+    name once made one of them fail with 'No such file or directory')."""
+    import multiprocessing as mp
+
+    from volseg.io.derivatives import BIDSIGNORE
+
+    roots = [tmp_path / f"r{i}" for i in range(300)]
+    for root in roots:
+        root.mkdir()
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(4)
+    procs = [ctx.Process(target=_write_many, args=(roots, barrier)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    for root in roots:
+        assert (root / ".bidsignore").read_text().splitlines() == list(BIDSIGNORE)
+        assert not list(root.glob(".bidsignore.tmp*"))

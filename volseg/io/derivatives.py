@@ -17,6 +17,7 @@ pictures, the cohort tables and the report) are listed in ``.bidsignore`` (:data
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,7 +164,8 @@ def write_bidsignore(root: Path | str) -> Path:
     lines = path.read_text().splitlines() if path.exists() else []
     new = lines + [e for e in BIDSIGNORE if e not in lines]
     if new != lines or not path.exists():
-        tmp = path.with_name(".bidsignore.tmp")
+        # one temporary name per process: the shards of a SLURM array write this file at the same moment
+        tmp = path.with_name(f".bidsignore.tmp{os.getpid()}")
         tmp.write_text("\n".join(new) + "\n")
         tmp.replace(path)
     return path
