@@ -21,7 +21,7 @@ from volseg.errors import ConfigError
 class N4Config:
     """N4 bias-field correction (SimpleITK, or ANTs through nipype)."""
 
-    backend: str = "simpleitk"  # "simpleitk" | "ants" | "none"
+    backend: str = "numpy"  # "numpy" (volseg.transforms.n4) | "simpleitk" | "ants" | "none"
     shrink_target_mm: float = 4.0  # per-axis shrink = max(1, round(target / voxel size))
     shrink: typing.Optional[tuple[int, int, int]] = None  # explicit per-axis shrink factors
     iterations: tuple[int, ...] = (50, 50, 50, 50)  # per fitting level
@@ -84,7 +84,7 @@ class TrainBase:
 
 
 CHOICES = {
-    "n4.backend": ("simpleitk", "ants", "none"),
+    "n4.backend": ("numpy", "simpleitk", "ants", "none"),
     "n4.mask": ("otsu", "none"),
     "intensity.method": ("percentile", "zscore"),
     "io.nonfinite": ("zero", "error"),

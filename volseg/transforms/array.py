@@ -32,7 +32,8 @@ class N4BiasField(Transform):
     """N4 bias-field correction of a channel-first volume (not invertible: an intensity step).
 
     Args:
-        backend: ``"simpleitk"``, ``"ants"`` (nipype + ANTs binary on PATH) or ``"none"``.
+        backend: ``"numpy"`` (:mod:`volseg.transforms.n4`, ITK's algorithm with separable
+            B-spline fits), ``"simpleitk"``, ``"ants"`` (nipype + ANTs binary on PATH) or ``"none"``.
         shrink: explicit per-axis shrink factors, or ``None`` to pick them from the voxel size
             so that shrunk voxels are about ``shrink_target_mm``.
         iterations, convergence, bspline_spacing_mm, bspline_order: N4's fitting settings.
@@ -47,9 +48,9 @@ class N4BiasField(Transform):
         >>> corrected = n4(MetaTensor(volume[None], affine=affine))
     """
 
-    backend_choices = ("simpleitk", "ants", "none")
+    backend_choices = ("numpy", "simpleitk", "ants", "none")
 
-    def __init__(self, backend: str = "simpleitk", shrink=None, shrink_target_mm: float = 4.0,
+    def __init__(self, backend: str = "numpy", shrink=None, shrink_target_mm: float = 4.0,
                  iterations=(50, 50, 50, 50), convergence: float = 0.001,
                  bspline_spacing_mm: float = 200.0, bspline_order: int = 3, mask: str = "otsu"):
         if backend not in self.backend_choices:
@@ -60,6 +61,8 @@ class N4BiasField(Transform):
             raise ValueError(f"shrink must be three factors >= 1, got {shrink!r}")
         if not iterations or min(iterations) < 1:
             raise ValueError(f"iterations must be positive counts per level, got {iterations!r}")
+        if backend == "numpy" and int(bspline_order) != 3:
+            raise ValueError(f"the numpy N4 backend fits cubic B-splines only (bspline_order 3), got {bspline_order}")
         if mask not in ("otsu", "none"):
             raise ValueError(f"mask must be 'otsu' or 'none', got {mask!r}")
         self.backend = backend
@@ -85,6 +88,11 @@ class N4BiasField(Transform):
                       bspline_spacing_mm=self.bspline_spacing_mm)
         if self.backend == "ants":
             log_field, info = F.n4_log_field_ants(data, affine, _zooms(affine), mask=mask, **kwargs)
+        elif self.backend == "numpy":
+            from volseg.transforms.n4 import n4_log_field_numpy
+
+            log_field, info = n4_log_field_numpy(data, _zooms(affine), mask=mask,
+                                                 bspline_order=self.bspline_order, **kwargs)
         else:
             log_field, info = F.n4_log_field(data, _zooms(affine), mask=mask,
                                              bspline_order=self.bspline_order, **kwargs)

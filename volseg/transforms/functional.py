@@ -47,8 +47,9 @@ def largest_component(mask: np.ndarray, connectivity: int = 1) -> np.ndarray:
     return labels == int(np.argmax(sizes))
 
 
-def head_mask(data: np.ndarray, step: int = 1) -> np.ndarray:
-    """Otsu head (foreground) mask: threshold, largest component, holes filled.
+def head_mask(data: np.ndarray, step: int = 1, closing: int = 2) -> np.ndarray:
+    """Otsu head (foreground) mask: threshold, closing (``closing`` iterations), largest
+    component, holes filled.
 
     ``step`` > 1 computes it on a subsampled copy (``data[::step, ::step, ::step]``) and
     returns the mask at that subsampled size.
@@ -58,7 +59,7 @@ def head_mask(data: np.ndarray, step: int = 1) -> np.ndarray:
     mask = small > thr
     if not mask.any():
         mask = small > small.min()
-    mask = ndi.binary_closing(mask, iterations=2)
+    mask = ndi.binary_closing(mask, iterations=closing)
     mask = largest_component(mask)
     return ndi.binary_fill_holes(mask)
 
