@@ -224,3 +224,33 @@ def test_anomaly_stage_wiring_with_a_stand_in_model(tmp_path, tiny_head):
     t = rec["timings"]
     assert 0.05 <= t["anomaly_s"] < t["total_s"]  # the stand-in's time, inside the scan's total
     assert t["total_s"] == pytest.approx(sum(v for k, v in t.items() if k != "total_s"), abs=0.01)
+
+
+def test_plot_grid_keeps_world_positions_of_oblique_scans():
+    """The pictures' one-shot nearest-neighbour grid: RAS, >= 2 mm, and a mask's centre stays
+    where it is in the world (within a voxel of the picture grid) for an oblique LIA scan."""
+    from scipy import ndimage as ndi
+
+    from volseg.report.figures import PLOT_MM, plot_grid
+    from volseg.synth import synth_head
+
+    subj = synth_head(3, voxel_size=1.3, axcodes="LIA", oblique=True)
+    aff = subj.affine
+    anat = nib.Nifti1Image(subj.image.astype(np.float32), aff)
+    brain = nib.Nifti1Image(subj.brain_mask.astype(np.uint8), aff)
+    g = plot_grid(anat, brain=brain, amap=None)
+    assert g["amap"] is None
+    out_aff = g["anat"].affine
+    assert np.allclose(out_aff[:3, :3], np.diag([PLOT_MM] * 3))
+    assert g["brain"].get_data_dtype() == np.uint8 and g["anat"].shape == g["brain"].shape
+
+    def centre(img):
+        ijk = ndi.center_of_mass(np.asarray(img.dataobj) > 0)
+        return (np.asarray(img.affine) @ np.r_[ijk, 1.0])[:3]
+
+    assert np.linalg.norm(centre(g["brain"]) - centre(brain)) < PLOT_MM
+    vol_in = subj.brain_mask.sum() * abs(np.linalg.det(aff[:3, :3]))
+    vol_out = (np.asarray(g["brain"].dataobj) > 0).sum() * PLOT_MM**3
+    assert abs(vol_out / vol_in - 1) < 0.05
+    inside = np.asarray(g["anat"].dataobj)[np.asarray(g["brain"].dataobj) > 0]
+    assert abs(inside.mean() / subj.image[subj.brain_mask > 0].mean() - 1) < 0.05

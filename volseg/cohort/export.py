@@ -250,11 +250,18 @@ def _draw_figures(w: _Writer, scan, res, figs: dict[str, Path], vox_ml: float,
                   keys=("mask", "anomaly")) -> None:
     import nibabel as nib
 
-    from volseg.report.figures import anomaly_figure, mask_figure
+    from volseg.report.figures import anomaly_figure, mask_figure, plot_grid
 
     aff = np.asarray(res.meta.affine, dtype=float)
     anat = nib.Nifti1Image(np.asarray(res.prep.native, dtype=np.float32), aff)
     mask = nib.Nifti1Image(res.mask.astype(np.uint8), aff) if res.mask is not None else None
+    amap = amask = None
+    if "anomaly" in figs and "anomaly" in keys:
+        amap = nib.Nifti1Image(np.asarray(res.anomaly.map, dtype=np.float32), aff)
+        amask = nib.Nifti1Image(np.asarray(res.anomaly.mask).astype(np.uint8), aff)
+    # every picture of the scan drawn from one resampling of each volume
+    g = plot_grid(anat, mask=mask, amap=amap, amask=amask)
+    anat, mask, amap, amask = g["anat"], g["mask"], g["amap"], g["amask"]
     title = scan.prefix
     if mask is not None:
         title += f"  brain {float(res.mask.sum()) * vox_ml:.0f} mL"
@@ -262,8 +269,6 @@ def _draw_figures(w: _Writer, scan, res, figs: dict[str, Path], vox_ml: float,
         mask_figure(anat, mask, w.stage_path(figs["mask"]), title=title)
     if "anomaly" in figs and "anomaly" in keys:
         a = res.anomaly
-        amap = nib.Nifti1Image(np.asarray(a.map, dtype=np.float32), aff)
-        amask = nib.Nifti1Image(np.asarray(a.mask).astype(np.uint8), aff)
         anomaly_figure(anat, amap, mask, amask, w.stage_path(figs["anomaly"]),
                        title=f"{scan.prefix}  score {float(a.score):.3g}"
                              + ("  FLAGGED" if a.flag else "  (not calibrated)" if a.flag is None else ""))

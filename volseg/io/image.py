@@ -305,6 +305,33 @@ def check_writable_dir(folder: str | os.PathLike) -> Path:
     return folder
 
 
+GZIP_LEVEL = 1  # nibabel's own default level for .nii.gz
+
+
+def write_nifti(img, path: str | os.PathLike) -> None:
+    """``nib.save`` for NIfTI-1, with ``.nii.gz`` compressed by ISA-L (``isal``, the igzip
+    library: 5-7x faster than zlib at the same level and size, standard gzip that every reader
+    opens) when it is installed, else by zlib. The file is written whole at ``path``."""
+    import nibabel as nib
+
+    path = str(path)
+    if not path.endswith(".gz") or not isinstance(img, nib.Nifti1Image):
+        nib.save(img, path)
+        return
+    raw = img.to_bytes()
+    try:
+        from isal import igzip_threaded
+    except ImportError:  # no ISA-L wheel for this platform
+        import gzip
+
+        with open(path, "wb") as fh:
+            fh.write(gzip.compress(raw, compresslevel=GZIP_LEVEL))
+        return
+    # blocks compressed on two threads (ISA-L releases the GIL), one gzip member stream
+    with igzip_threaded.open(path, "wb", compresslevel=GZIP_LEVEL, threads=2) as fh:
+        fh.write(raw)
+
+
 class AtomicWriter:
     """Stage files under temporary names; rename them all into place on success.
 
@@ -331,22 +358,18 @@ class AtomicWriter:
 
     def save_image(self, data: np.ndarray, meta: ImageMeta, final: str | os.PathLike,
                    kind: str = "image") -> Path:
-        import nibabel as nib
-
         tmp = self._tmp(Path(final))
         try:
-            nib.save(make_image(data, meta, kind), str(tmp))
+            write_nifti(make_image(data, meta, kind), tmp)
         except OSError as exc:
             raise OutputError(final, f"cannot write image ({exc.strerror or exc})") from None
         return Path(final)
 
     def save_nifti(self, img, final: str | os.PathLike) -> Path:
         """Stage an already built nibabel image (for grids that are not the input's)."""
-        import nibabel as nib
-
         tmp = self._tmp(Path(final))
         try:
-            nib.save(img, str(tmp))
+            write_nifti(img, tmp)
         except OSError as exc:
             raise OutputError(final, f"cannot write image ({exc.strerror or exc})") from None
         return Path(final)
