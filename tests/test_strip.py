@@ -196,3 +196,55 @@ def test_lesion_augmentation_paints_inside_the_brain_only():
     out = train_augmentation(cfg)(dict(sample))
     assert out["image"].shape == sample["image"].shape and out["label"].shape == sample["label"].shape
     assert not torch.allclose(torch.as_tensor(out["image"]), sample["image"])
+
+
+@pytest.mark.parametrize("border_mm", [0.0, 2.5, -2.0])
+def test_clean_mask_in_its_box_equals_the_whole_volume(border_mm):
+    """clean_mask works inside the thresholded voxels' box plus a margin: same mask as the
+    whole-volume operations, also when the mask touches the volume's edge, has a hole and a
+    second smaller blob."""
+    from scipy import ndimage as ndi
+
+    from volseg.strip.infer import _clean, clean_mask
+
+    rng = np.random.default_rng(1)
+    prob = ndi.gaussian_filter(rng.random((60, 50, 40)), 3)
+    prob = (prob - prob.min()) / (prob.max() - prob.min())
+    prob[20:30, 20:30, 0:12] = 0.9          # reaches the z = 0 edge
+    prob[24:26, 24:26, 5:7] = 0.0           # a hole
+    prob[50:55, 5:9, 30:35] = 0.95          # a second blob
+    zooms = (1.0, 1.2, 2.0)
+    for thr in (0.5, 0.6, 0.7):
+        ref = _clean(prob > thr, zooms, border_mm)
+        assert np.array_equal(clean_mask(prob, zooms, thr, border_mm), ref)
+    assert not clean_mask(np.zeros((5, 5, 5)), zooms, 0.5, border_mm).any()
+
+
+def test_to_native_above_a_threshold_gives_the_same_mask(tiny_head):
+    """Inverting only near grid voxels above the threshold changes no thresholded voxel (an
+    oblique LIA head, a smooth probability with a second blob)."""
+    import torch
+    from monai.data import MetaTensor
+    from scipy import ndimage as ndi
+
+    from volseg.config import Config
+    from volseg.io import load_image
+    from volseg.preprocess import prepare
+    from volseg.strip.infer import to_native
+    from volseg.synth import synth_head
+
+    subj = synth_head(5, voxel_size=1.5, axcodes="LIA", oblique=True)
+    path = tiny_head[0].parent / "lia_oblique.nii.gz"  # read back through a file: the real path
+    nib.save(nib.Nifti1Image(subj.image.astype(np.float32), subj.affine), str(path))
+    data, meta = load_image(path)
+    prep = prepare(data, meta, Config())
+    g = prep.grid_image
+    rng = np.random.default_rng(0)
+    p = ndi.gaussian_filter(rng.random(g.shape[1:]), 4)
+    p = (p - p.min()) / (p.max() - p.min())
+    prob = MetaTensor(torch.as_tensor(p[None].astype(np.float32)), affine=g.affine)
+    full = to_native(prob, prep)
+    for thr in (0.5, 0.7):
+        part = to_native(prob, prep, above=thr)
+        assert np.array_equal(part > thr, full > thr)
+        assert (full > thr).sum() > 100

@@ -191,11 +191,12 @@ def n4_log_field_ants(data: np.ndarray, affine: np.ndarray, zooms, shrink=None,
 
 
 def grid_to_native(grid_map: np.ndarray, grid_affine, native_affine, native_shape, box=None,
-                   mode: str = "bilinear") -> np.ndarray:
+                   mode: str = "bilinear", grid_box=None) -> np.ndarray:
     """A working-grid array back on the native grid: one resampling from the grid's affine to
     the native voxels (MONAI ``SpatialResample``, zero padding), as the chain's inverse
     (``Invertd`` through :class:`~volseg.transforms.HeadGrid`) does, but only inside ``box``
-    (native voxel index bounds ``(lo, hi)``; default: the grid's footprint), zeros elsewhere.
+    (native voxel index bounds ``(lo, hi)``; default: the footprint of the grid voxels
+    ``grid_box`` = ``(lo, hi)`` grid indices, else of the whole grid), zeros elsewhere.
     Both networks' maps go back to the scan's grid through this one function."""
     import torch
     from monai.data import MetaTensor
@@ -204,9 +205,11 @@ def grid_to_native(grid_map: np.ndarray, grid_affine, native_affine, native_shap
     shape = np.asarray(native_shape, dtype=int)
     native_affine = np.asarray(native_affine, dtype=np.float64)
     grid_affine = np.asarray(grid_affine, dtype=np.float64)
-    if box is None:  # the grid's corners in native voxel indices, one voxel of margin
+    if box is None:  # the grid's (or grid_box's) corners in native voxel indices, one voxel of margin
         size = np.asarray(grid_map.shape[-3:])
-        corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in size], indexing="ij")).reshape(3, -1).T
+        g_lo, g_hi = (np.zeros(3), size) if grid_box is None else (np.asarray(grid_box[0]), np.asarray(grid_box[1]))
+        corners = np.array(np.meshgrid(*[[a - 0.5, b - 0.5] for a, b in zip(g_lo, g_hi)],
+                                       indexing="ij")).reshape(3, -1).T
         ijk = (np.linalg.inv(native_affine) @ grid_affine @ np.c_[corners, np.ones(len(corners))].T)[:3].T
         box = (np.floor(ijk.min(0)) - 1, np.ceil(ijk.max(0)) + 2)
     lo = np.clip(np.asarray(box[0], dtype=int), 0, shape)
