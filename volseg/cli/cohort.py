@@ -34,7 +34,8 @@ def cmd_run(args) -> int:
                       strip_model=str(args.strip_model or args.model) if (args.strip_model or args.model) else None,
                       anomaly_model=str(args.anomaly_model) if args.anomaly_model else None,
                       figures=not args.no_report,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size,
+                      overlap={"auto": None, "on": True, "off": False}[args.overlap])
     try:
         res = run_cohort(inputs, args.output, opts=opts, participants=args.participant_label or (),
                          jobs=args.jobs, shard=shard, overwrite=args.overwrite,
@@ -105,6 +106,10 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="scans that go through each network together (default: 4 on a GPU, 1 on "
                         "the CPU, where batching gains nothing; each worker holds N scans in memory)")
+    p.add_argument("--overlap", choices=("auto", "on", "off"), default="auto",
+                   help="write each batch's outputs (gzip, pictures) in a thread while the next batch "
+                        "is computed (default auto: on with a GPU, off on the CPU, where the networks "
+                        "already use every core)")
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="process shard K of N (0 <= K < N); default from SLURM_ARRAY_TASK_ID/COUNT")
     p.add_argument("--overwrite", action="store_true", help="redo scans that are already complete")

@@ -53,6 +53,7 @@ class RunOptions:
     anomaly_model: str | None = None  # anomaly model folder (default: shipped)
     figures: bool = True
     batch_size: int | None = None  # scans per network pass; None: 4 on a GPU, 1 on the CPU
+    overlap: bool | None = None  # export a batch while the next is computed; None: on a GPU only
 
 
 def write_dataset_description(out: Path, sources: list[str]) -> Path:
@@ -112,13 +113,23 @@ def process_batch(out: Path, scans, ctx, anomaly_only: bool = False) -> list[dic
     recorded with its error and its outputs removed, the others are exported.
     ``anomaly_only``: the scans are complete but for their anomaly outputs (a new anomaly model
     or map setting): their N4 image and brain mask are read back and only the anomaly stage runs."""
+    return export_batch(out, scans, *compute_part(out, scans, ctx, anomaly_only), ctx)
+
+
+def compute_part(out: Path, scans, ctx, anomaly_only: bool = False):
+    """The compute half of :func:`process_batch`: (results, stored records or None)."""
     from volseg.cohort.export import read_record, start_scan
     from volseg.cohort.stages import compute_batch
 
     stored = [dict(read_record(out, s), root=str(out)) for s in scans] if anomaly_only else None
     for scan in scans:
         start_scan(out, scan)
-    results = compute_batch([s.path for s in scans], ctx, stored)
+    return compute_batch([s.path for s in scans], ctx, stored), stored
+
+
+def export_batch(out: Path, scans, results, stored, ctx) -> list[dict]:
+    """The export half of :func:`process_batch`: write each scan (or its failure)."""
+    anomaly_only = stored is not None
     records = []
     for k, scan in enumerate(scans):
         res, results[k] = results[k], None  # let each scan's arrays go once it is written
@@ -316,8 +327,26 @@ def _execute(out: Path, todo: list, ctx, opts: RunOptions, jobs: int, log_file: 
     """Process ``todo`` in this process (``jobs <= 1``) or in ``jobs`` spawned workers, a batch
     of scans at a time (``ctx.batch_size``); yields one record per scan."""
     if jobs <= 1 or len(todo) <= 1:
-        for group in chunks(todo, ctx.batch_size):
-            yield from process_batch(out, group, ctx)
+        groups = chunks(todo, ctx.batch_size)
+        overlap = opts.overlap if opts.overlap is not None else getattr(ctx.device, "type", str(ctx.device)) == "cuda"
+        if not overlap or len(groups) <= 1:
+            for group in groups:
+                yield from process_batch(out, group, ctx)
+            return
+        # The CPU-only export (gzip, pictures) of one batch runs in a thread while the next batch
+        # is loaded, corrected and sent through the networks, so a GPU does not wait for it; at
+        # most one batch waits to be written. Each scan's outputs are still staged and renamed
+        # as a whole (AtomicWriter), so a run killed in between resumes as before.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="volseg-export") as pool:
+            pending = None
+            for group in groups:
+                computed = compute_part(out, group, ctx)
+                if pending is not None:
+                    yield from pending.result()
+                pending = pool.submit(export_batch, out, group, *computed, ctx)
+            yield from pending.result()
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
