@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Rank map settings of one trained anomaly model on the benchmark's cases, in one pass.
 
-Each case is prepared and reconstructed once; every variant (median filter size, erosion, network
-passes, normative residual) is then mapped from the same reconstruction and scored by pooled
-AUPRC and best Dice (optimistic) per group. Thresholds are not involved: this ranks settings
-before calibration.
+Each case is prepared once and reconstructed once per reconstruction setting (network passes,
+masked passes); every variant (median filter size, erosion, passes, masked passes, normative
+residual) is then mapped from its reconstruction and scored by pooled AUPRC and best Dice
+(optimistic) per group, with the network's seconds per case. Thresholds are not involved: this
+ranks settings before calibration.
 
 --on validation (the default, for *choosing* settings): lesion families in the validation brain
 healthy/T1_brain_c1 (other seeds than training's validation cases); normative statistics from
@@ -23,6 +24,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,20 @@ VARIANTS = {
     "normative": {"normative": True},
     "normative_median3": {"normative": True, "median_size": 3},
 }
+# masked passes (volseg.anomaly.recon): cube size in 2 mm voxels, 2-phase checkerboard or 8-phase
+# 2x2x2 interleave, fill of the hidden cubes, optional IterMask-style second round
+for _b in (2, 3, 4, 6, 8):
+    for _ph in (2, 8):
+        if (_b, _ph) != (3, 8):
+            VARIANTS[f"masked{_b}_p{_ph}"] = {"masked_block": _b, "masked_phases": _ph}
+for _fill in ("median", "blur"):
+    for _ph in (2, 8):
+        VARIANTS[f"masked6_p{_ph}_{_fill}"] = {"masked_block": 6, "masked_phases": _ph, "masked_fill": _fill}
+VARIANTS["masked6_p2_iter0.4"] = {"masked_block": 6, "masked_phases": 2, "masked_iter": 0.4}
+for _ph in (2, 8):
+    VARIANTS[f"masked6_p{_ph}_iter0.2"] = {"masked_block": 6, "masked_phases": _ph, "masked_iter": 0.2}
+    VARIANTS[f"masked6_p{_ph}_median3"] = {"masked_block": 6, "masked_phases": _ph, "median_size": 3}
+RECON_KEYS = ("passes", "masked_block", "masked_phases", "masked_fill", "masked_iter")
 
 
 def main() -> int:
@@ -61,7 +77,7 @@ def main() -> int:
     from volseg.anomaly.evaluate import Case, calibrate
     from volseg.anomaly.infer import anomaly_finish, anomaly_prepare, load_anomaly_model
     from volseg.anomaly.metrics import voxel_metrics
-    from volseg.anomaly.recon import reconstruct
+    from volseg.anomaly.recon import recon_options, reconstruct
     from volseg.synth.cohort import cohort_seed
 
     model = load_anomaly_model(args.model)
@@ -88,6 +104,8 @@ def main() -> int:
     cases = [c for bid, p in brains.items() for c in synthetic_cases(bid, str(p), per_family=args.per_family)
              if c.group != "healthy"] + real
     pooled: dict = {}
+    key_s: dict = {}  # reconstruction settings -> network seconds per case
+    variant_key: dict = {}
     for case in cases:
         data, mask, lesion, meta = case.load()
         prep = anomaly_prepare(data, mask, meta, model)
@@ -95,11 +113,14 @@ def main() -> int:
         recons = {}
         for name in args.variants:
             v = VARIANTS[name]
-            passes = v.get("passes", base.maps.passes)
-            if passes not in recons:
-                recons[passes] = reconstruct(model.net, g, prep.grid_mask, model.device, passes=passes)
             cfg = dataclasses.replace(base, maps=dataclasses.replace(base.maps, **v))
-            res = anomaly_finish(prep, recons[passes], model, cfg, voxel_threshold=np.inf,
+            key = tuple(getattr(cfg.maps, k) for k in RECON_KEYS)
+            if key not in recons:
+                t0 = time.perf_counter()
+                recons[key] = reconstruct(model.net, g, prep.grid_mask, model.device, **recon_options(cfg.maps))
+                key_s.setdefault(key, []).append(time.perf_counter() - t0)
+            variant_key[name] = key
+            res = anomaly_finish(prep, recons[key], model, cfg, voxel_threshold=np.inf,
                                  normative=norm if v.get("normative") else None)
             p = pooled.setdefault(case.group, {}).setdefault(name, ([], []))
             p[0].append(res.map[mask].astype(np.float32)); p[1].append(lesion[mask])
@@ -110,15 +131,19 @@ def main() -> int:
         for name, (s, t) in vs.items():
             m = voxel_metrics(np.concatenate(s), np.concatenate(t))
             table[group][name] = {"auprc": round(m["auprc"], 4), "best_dice": round(m["best_dice"], 4)}
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "variants.json").write_text(json.dumps(table, indent=2) + "\n")
-    lines = ["| group | " + " | ".join(args.variants) + " |", "|---" * (len(args.variants) + 1) + "|"]
-    for group, vs in table.items():
-        lines.append(f"| {group} | " + " | ".join(f"{vs[n]['auprc']:.3f} / {vs[n]['best_dice']:.3f}"
-                                                for n in args.variants) + " |")
     means = {n: round(float(np.mean([table[g][n]["auprc"] for g in table])), 4) for n in args.variants}
-    lines.append("| mean AUPRC | " + " | ".join(f"{means[n]:.3f}" for n in args.variants) + " |")
-    text = (f"On {args.on} cases. AUPRC / best Dice (optimistic), pooled per group\n\n" + "\n".join(lines)
+    secs = {n: round(float(np.median(key_s[variant_key[n]])), 3) for n in args.variants}
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "variants.json").write_text(json.dumps(
+        {"on": args.on, "groups": table, "mean_auprc": means, "network_s_per_case": secs}, indent=2) + "\n")
+    groups = list(table)
+    lines = ["| variant | " + " | ".join(groups) + " | mean AUPRC | network s / case |",
+             "|---" * (len(groups) + 3) + "|"]
+    for n in args.variants:
+        lines.append(f"| {n} | " + " | ".join(f"{table[g][n]['auprc']:.3f} / {table[g][n]['best_dice']:.3f}"
+                                             for g in groups) + f" | {means[n]:.3f} | {secs[n]:.2f} |")
+    text = (f"On {args.on} cases. AUPRC / best Dice (optimistic), pooled per group; network seconds per case "
+            f"(median; reconstructions shared by variants are counted once per variant)\n\n" + "\n".join(lines)
             + f"\n\nhighest mean AUPRC: {max(means, key=means.get)}\n")
     (args.output / "variants.md").write_text(text)
     print(text)

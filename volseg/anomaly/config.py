@@ -76,6 +76,12 @@ class MapConfig:
     passes: int = 1  # network passes, each fed the previous reconstruction inside the brain
     normative: bool = False  # residual in units of the healthy spread at each MNI152 location
     normative_sigma_mm: float = 4.0  # smoothing of the healthy mean and spread maps
+    # masked passes (volseg.anomaly.recon): each brain voxel reconstructed by a pass that hid it,
+    # in cubes of masked_block working-grid voxels (0: off, one plain pass)
+    masked_block: int = 0
+    masked_phases: int = 2  # 2 (3D checkerboard of cubes) or 8 (2x2x2 interleave)
+    masked_fill: str = "wm"  # what hidden voxels hold: wm (1.0) | median (brain median) | blur (8 mm blur)
+    masked_iter: float = 0.0  # > 0: a second round hides the voxels whose residual is still above this
 
 
 @dataclass(frozen=True)

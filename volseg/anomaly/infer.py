@@ -95,12 +95,12 @@ def anomaly_volume(data: np.ndarray, brain_mask: np.ndarray, meta: ImageMeta, mo
                    cfg: AEConfig | None = None, n4: bool | None = None,
                    voxel_threshold: float | None = None) -> AnomalyResult:
     """Anomaly map, mask, reconstruction and scan score of one brain, on its native grid."""
-    from volseg.anomaly.recon import reconstruct
+    from volseg.anomaly.recon import recon_options, reconstruct
 
     prep = anomaly_prepare(data, brain_mask, meta, model, cfg, n4)
     t1 = time.perf_counter()
     recon = reconstruct(model.net, prep.grid_image[0].numpy(), prep.grid_mask, model.device,
-                        passes=(cfg or model.cfg).maps.passes)
+                        **recon_options((cfg or model.cfg).maps))
     return anomaly_finish(prep, recon, model, cfg, voxel_threshold, recon_s=time.perf_counter() - t1)
 
 

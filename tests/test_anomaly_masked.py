@@ -1,0 +1,124 @@
+"""Masked passes of the anomaly reconstruction (volseg.anomaly.recon, maps.masked_*): every brain
+voxel is hidden in exactly one phase and reconstructed from that pass; off, nothing changes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage as ndi
+
+from volseg.anomaly.config import AEConfig, MapConfig
+from volseg.anomaly.maps import brain_bbox
+from volseg.anomaly.recon import (BLUR_SIGMA_VOX, phase_index, recon_options, reconstruct,
+                                  reconstruct_batch)
+
+
+class Identity(torch.nn.Module):
+    """A network that returns its input, and records the brain voxels each call hid (those
+    holding the marker fill value)."""
+
+    def __init__(self, marker: float | None = None):
+        super().__init__()
+        self.marker, self.hidden = marker, []
+
+    def forward(self, x):
+        if self.marker is not None:
+            self.hidden.append((x == self.marker).cpu().numpy()[:, 0])
+        return x.clone()
+
+
+def _brain(shape=(40, 44, 36), seed=0):
+    """A smooth image in (0.2, 0.95) (never exactly 1.0) inside an ellipsoid brain mask."""
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    mask = (zz / 0.8) ** 2 + (yy / 0.85) ** 2 + (xx / 0.75) ** 2 < 1
+    img = ndi.gaussian_filter(rng.random(shape), 2).astype(np.float32)
+    img = 0.2 + 0.75 * (img - img.min()) / (img.max() - img.min())
+    return np.where(mask, img, 0).astype(np.float32), mask
+
+
+@pytest.mark.parametrize("block,phases", [(4, 2), (4, 8), (6, 2), (3, 8)])
+def test_identity_net_returns_the_fill_and_each_brain_voxel_is_hidden_once(block, phases):
+    img, mask = _brain()
+    net = Identity(marker=1.0)
+    recon = reconstruct(net, img, mask, "cpu", masked=block, masked_phases=phases, masked_fill="wm")
+    # the identity network gives back the fill value in every hidden voxel: the whole brain
+    assert np.array_equal(recon[mask], np.ones(int(mask.sum()), np.float32))
+    box = brain_bbox(mask, margin=4, multiple=16, shape=img.shape)
+    assert np.array_equal(recon[box][~mask[box]], img[box][~mask[box]])  # outside the brain: the input
+    # one network call per phase, and each brain voxel hidden in exactly one of them
+    assert len(net.hidden) == phases
+    count = np.sum([h[0] for h in net.hidden], axis=0)
+    assert np.array_equal(count, mask[box].astype(count.dtype))
+    # the phases are the cube checkerboard / 2x2x2 interleave of the box
+    ph = phase_index(count.shape, block, phases)
+    for p, h in enumerate(net.hidden):
+        assert np.array_equal(h[0], mask[box] & (ph == p))
+    assert set(np.unique(ph)) == set(range(phases))
+    assert ph[0, 0, 0] != ph[block, 0, 0] and ph[0, 0, 0] != ph[0, block, 0]
+    if phases == 8:  # every neighbour of a hidden cube, corners included, is visible
+        assert ph[0, 0, 0] != ph[block, block, block] and ph[0, 0, 0] != ph[block, block, 0]
+
+
+def test_median_and_blur_fills_are_reproduced_exactly():
+    img, mask = _brain(seed=1)
+    x = torch.from_numpy(img)
+    med = reconstruct(Identity(), img, mask, "cpu", masked=4, masked_fill="median")
+    box = brain_bbox(mask, margin=4, multiple=16, shape=img.shape)
+    assert np.array_equal(med[mask], np.full(int(mask.sum()), x[torch.from_numpy(mask)].median().item(), np.float32))
+    blur = reconstruct(Identity(), img, mask, "cpu", masked=4, masked_phases=8, masked_fill="blur")
+    xb, mb = img[box] * mask[box], mask[box].astype(np.float32)
+    want = ndi.gaussian_filter(xb, BLUR_SIGMA_VOX, mode="constant") / np.maximum(
+        ndi.gaussian_filter(mb, BLUR_SIGMA_VOX, mode="constant"), 1e-3)
+    assert np.array_equal(blur[box][mask[box]], want.astype(np.float32)[mask[box]])
+    with pytest.raises(ValueError, match="fill"):
+        reconstruct(Identity(), img, mask, "cpu", masked=4, masked_fill="zero")
+
+
+def test_second_round_hides_what_stays_anomalous():
+    img, mask = _brain(seed=2)
+    net = Identity(marker=1.0)
+    recon = reconstruct(net, img, mask, "cpu", masked=4, masked_iter=0.01)
+    assert len(net.hidden) == 3  # two phases, then the voxels still anomalous (all: the fill is far off)
+    assert np.array_equal(recon[mask], np.ones(int(mask.sum()), np.float32))
+
+
+def _reconstruct_before(net, images, masks, multiple=16, passes=1):
+    """reconstruct_batch as it was before masked passes existed (the reference)."""
+    boxes = [brain_bbox(m, margin=4, multiple=multiple, shape=i.shape) for i, m in zip(images, masks)]
+    out = []
+    for img, m, box in zip(images, masks, boxes):
+        x = torch.from_numpy(np.ascontiguousarray(img[box], dtype=np.float32))[None, None]
+        inside = torch.from_numpy(np.ascontiguousarray(m[box], dtype=np.float32))[None, None] > 0
+        with torch.inference_mode():
+            for _ in range(max(1, int(passes))):
+                x = torch.where(inside, net(x).float(), x)
+        r = np.zeros(img.shape, np.float32)
+        r[box] = x.numpy()[0, 0]
+        out.append(r)
+    return out
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+def test_option_off_is_bit_identical_to_before(passes):
+    from volseg.nets.autoencoder import ConvAutoencoder
+
+    torch.manual_seed(0)
+    net = ConvAutoencoder(1, (4, 8), 4, residual=True).eval()
+    img, mask = _brain(seed=3)
+    want = _reconstruct_before(net, [img], [mask], passes=passes)[0]
+    assert MapConfig().masked_block == 0 and AEConfig().maps.masked_block == 0
+    opts = recon_options(MapConfig(passes=passes))
+    assert opts["masked"] == 0
+    assert np.array_equal(reconstruct(net, img, mask, "cpu", **opts), want)
+    assert np.array_equal(reconstruct_batch(net, [img], [mask], "cpu", passes=passes)[0], want)
+    masked = reconstruct(net, img, mask, "cpu", passes=passes, masked=4)
+    assert not np.array_equal(masked, want)
+
+
+def test_shipped_model_config_has_masked_passes_off():
+    from volseg.anomaly.infer import load_anomaly_model
+
+    cfg = load_anomaly_model(None).cfg
+    assert cfg.maps.masked_block == 0 and recon_options(cfg.maps)["masked"] == 0
