@@ -89,6 +89,8 @@ CHOICES = {
     "intensity.method": ("percentile", "zscore"),
     "io.nonfinite": ("zero", "error"),
     "maps.residual": ("abs", "positive", "negative"),
+    "maps.masked_fill": ("wm", "median", "blur"),
+    "maps.masked_phases": (2, 8),
 }
 
 

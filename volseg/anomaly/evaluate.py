@@ -140,7 +140,7 @@ def _normative_loo(model: AnomalyModel, cases: list[Case]):
     from volseg.anomaly.infer import anomaly_finish, anomaly_prepare
     from volseg.anomaly.maps import signed_residual
     from volseg.anomaly.normative import estimate, mni_template, to_template
-    from volseg.anomaly.recon import reconstruct
+    from volseg.anomaly.recon import recon_options, reconstruct
     from volseg.transforms.register import register_affine
 
     if len(cases) < 3:
@@ -153,7 +153,7 @@ def _normative_loo(model: AnomalyModel, cases: list[Case]):
         data, mask, meta = _arrays(case)
         prep = anomaly_prepare(data, mask, meta, model)
         g = prep.grid_image[0].numpy()
-        recon = reconstruct(model.net, g, prep.grid_mask, model.device, passes=cfg.maps.passes)
+        recon = reconstruct(model.net, g, prep.grid_mask, model.device, **recon_options(cfg.maps))
         tr = register_affine(g, tmpl, sp, fixed_mask=prep.grid_mask)
         r = np.where(prep.grid_mask, signed_residual(g, recon, cfg.maps.residual), 0.0)
         items.append((case, mask, prep, recon, tr, to_template(r, tr, tmpl.shape, sp),

@@ -333,7 +333,7 @@ def _anomaly_one(res: ScanResult, ctx: Context) -> ScanResult:
 
 def _anomaly_batch(paths, out: list, preps: dict, ctx: Context) -> None:
     from volseg.anomaly.infer import anomaly_finish
-    from volseg.anomaly.recon import reconstruct_batch
+    from volseg.anomaly.recon import recon_options, reconstruct_batch
 
     idx = list(preps)
     model = ctx.anomaly_model
@@ -341,7 +341,7 @@ def _anomaly_batch(paths, out: list, preps: dict, ctx: Context) -> None:
     try:
         recons = reconstruct_batch(model.net, [preps[i].grid_image[0].numpy() for i in idx],
                                    [preps[i].grid_mask for i in idx], model.device, batch_size=ctx.batch_size,
-                                   passes=model.cfg.maps.passes)
+                                   **recon_options(model.cfg.maps))
     except Exception as exc:  # the whole pass failed: each scan says so
         recons = [exc] * len(idx)
     share = (time.perf_counter() - t0) / len(idx)
