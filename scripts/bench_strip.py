@@ -6,7 +6,9 @@ For every whole-head scan under ``$VOLSEG_SHARED_DATA/wholehead`` (default ``../
 runs :func:`volseg.strip.infer.strip_volume` twice (the first run warms up), printing:
 
 - net_s:  the network forward pass on the 96x128x160 grid (target <= 1 s);
+- n4_s:   N4 on the native grid (target <= 2 s for a 1 mm head);
 - total_s: load + N4 + grid + network + inverse + clean-up (target <= 15 s for a 1 mm head);
+- at the end, the median total and the throughput it gives (scans/h, one process, model loaded once);
 - peak RSS of the process (target <= 3 GB), and Dice against a ``*_brainmask`` beside the scan.
 
     .venv/bin/python scripts/bench_strip.py [--threads N] [--tta] [FILES...]
@@ -79,6 +81,7 @@ def main() -> int:
     files = args.files or sorted(str(p) for p in root.rglob("*.nii.gz") if "mask" not in p.name)
     print(f"{'scan':55s} {'shape':13s} {'voxel mm':16s} {'net_s':>6s} {'n4_s':>6s} {'total_s':>8s} "
           f"{'RSS MB':>7s} {'Dice':>7s}")
+    totals = []
     for f in files:
         cmd = [sys.executable, __file__, "--child", f, "--threads", str(args.threads)] + (["--tta"] if args.tta else [])
         res = subprocess.run(cmd, capture_output=True, text=True)
@@ -91,6 +94,13 @@ def main() -> int:
                                   ("RSS>3GB", r["rss_mb"] > 3072)) if bad]
         print(f"{name[-55:]:55s} {r['shape']:13s} {r['voxel']:16s} {r['net_s']:6.2f} {r['n4_s']:6.2f} "
               f"{r['total_s']:8.2f} {r['rss_mb']:7d} {str(r['dice']):>7s} {' '.join(flags)}")
+        totals.append(r["total_s"])
+    if totals:
+        import statistics
+
+        med = statistics.median(totals)
+        print(f"median total {med:.2f} s per scan (model loaded once): {3600 / med:.0f} scans/h in one "
+              f"process; whole-process times beside deepbet/HD-BET: scripts/bench_side_by_side.py")
     return 0
 
 
