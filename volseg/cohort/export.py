@@ -161,11 +161,24 @@ def export_scan(out: Path, scan, res, ctx, only=None) -> dict:
                                      AnomalousVolume_mL=measures["anomalous_volume_ml"]),
     }
     with _Writer() as w:
-        for key, path in paths.items():
-            w.save_image(arrays[key](), meta, path, kind=OUTPUTS[key].kind)
-            w.save_json(sidecars[key](), sidecar_path(path))
+        # the pictures (Python and matplotlib, mostly holding the GIL) are drawn in a thread while
+        # the images are compressed (ISA-L, NumPy: no GIL); both finish inside the writer, so a
+        # failure of either removes every staged file
+        pictures = pool = None
         if figs:
-            _draw_figures(w, scan, res, figs, vox_ml, keys=tuple(figs))
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="volseg-pictures")
+            pictures = pool.submit(_draw_figures, w, scan, res, figs, vox_ml, tuple(figs))
+        try:
+            for key, path in paths.items():
+                w.save_image(arrays[key](), meta, path, kind=OUTPUTS[key].kind)
+                w.save_json(sidecars[key](), sidecar_path(path))
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
+        if pictures is not None:
+            pictures.result()
     timings["export_s"] = round(time.perf_counter() - t0, 3)
     timings["total_s"] = round(sum(v for k, v in timings.items() if k != "total_s"), 3)
     record = base_record(scan, "ok")
