@@ -90,23 +90,22 @@ def prepare_brain(data: np.ndarray, mask: np.ndarray, meta: ImageMeta, cfg, n4: 
     from monai.data import MetaTensor
 
     from volseg.transforms import HeadGrid
-    from volseg.transforms import functional as F
 
     mask = check_brain_mask(mask, data, meta.path)
     data = np.asarray(data, dtype=np.float32)
     pc = cfg.preprocess
     t0 = time.perf_counter()
     if (cfg.maps.n4 if n4 is None else n4) and pc.n4.backend != "none":
+        from volseg.transforms.n4 import n4_log_field_in_process
+
         # the backend stored with the model (the shipped model was calibrated with SimpleITK's);
         # ants falls back to SimpleITK here, as before
-        if pc.n4.backend == "numpy":
-            from volseg.transforms.n4 import n4_log_field_numpy as n4_fn
-        else:
-            n4_fn = F.n4_log_field
-        log_field, _ = n4_fn(data, meta.zooms, mask=mask, shrink=pc.n4.shrink,
-                             shrink_target_mm=pc.n4.shrink_target_mm, iterations=pc.n4.iterations,
-                             convergence=pc.n4.convergence, bspline_spacing_mm=pc.n4.bspline_spacing_mm,
-                             bspline_order=pc.n4.bspline_order)
+        backend = "numpy" if pc.n4.backend == "numpy" else "simpleitk"
+        log_field, _ = n4_log_field_in_process(backend, data, meta.zooms, mask=mask, shrink=pc.n4.shrink,
+                                               shrink_target_mm=pc.n4.shrink_target_mm,
+                                               iterations=pc.n4.iterations, convergence=pc.n4.convergence,
+                                               bspline_spacing_mm=pc.n4.bspline_spacing_mm,
+                                               bspline_order=pc.n4.bspline_order)
         native = np.where(mask, data / np.exp(log_field), 0.0).astype(np.float32)
     else:
         native = np.where(mask, data, 0.0).astype(np.float32)

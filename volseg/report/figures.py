@@ -56,7 +56,7 @@ def plot_grid(anat_img, **overlays):
     aff = np.asarray(anat_img.affine, dtype=float)
     shape = np.asarray(anat_img.shape[:3])
     for name, img in given.items():
-        if tuple(img.shape[:3]) != tuple(shape) or not np.allclose(np.asarray(img.affine), aff):
+        if not _on_grid(img, anat_img):
             raise ValueError(f"overlay {name!r} is not on the anatomy's grid")
     mm = max(PLOT_MM, float(np.linalg.norm(aff[:3, :3], axis=0).min()))
     corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(3, -1)

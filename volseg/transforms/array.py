@@ -88,14 +88,11 @@ class N4BiasField(Transform):
                       bspline_spacing_mm=self.bspline_spacing_mm)
         if self.backend == "ants":
             log_field, info = F.n4_log_field_ants(data, affine, _zooms(affine), mask=mask, **kwargs)
-        elif self.backend == "numpy":
-            from volseg.transforms.n4 import n4_log_field_numpy
-
-            log_field, info = n4_log_field_numpy(data, _zooms(affine), mask=mask,
-                                                 bspline_order=self.bspline_order, **kwargs)
         else:
-            log_field, info = F.n4_log_field(data, _zooms(affine), mask=mask,
-                                             bspline_order=self.bspline_order, **kwargs)
+            from volseg.transforms.n4 import n4_log_field_in_process
+
+            log_field, info = n4_log_field_in_process(self.backend, data, _zooms(affine), mask=mask,
+                                                      bspline_order=self.bspline_order, **kwargs)
         self.last_log_field = log_field
         corrected = data / np.exp(log_field)
         out = img.clone()

@@ -218,4 +218,16 @@ def n4_log_field_numpy(data: np.ndarray, zooms, mask: np.ndarray | None = None, 
     return log_field, info
 
 
-__all__ = ["n4_log_field_numpy", "fit_log_field", "sharpen", "basis_matrix", "shrink_volume"]
+def n4_log_field_in_process(backend: str, data: np.ndarray, zooms, **kwargs) -> tuple[np.ndarray, dict]:
+    """N4's log field by the in-process ``backend``: ``"numpy"`` (:func:`n4_log_field_numpy`) or
+    ``"simpleitk"`` (:func:`volseg.transforms.functional.n4_log_field`); same keyword arguments."""
+    if backend == "numpy":
+        return n4_log_field_numpy(data, zooms, **kwargs)
+    if backend == "simpleitk":
+        from volseg.transforms.functional import n4_log_field
+
+        return n4_log_field(data, zooms, **kwargs)
+    raise ValueError(f"no in-process N4 backend {backend!r}; use 'numpy' or 'simpleitk'")
+
+
+__all__ = ["n4_log_field_numpy", "n4_log_field_in_process", "fit_log_field", "sharpen", "basis_matrix", "shrink_volume"]
