@@ -122,3 +122,49 @@ def test_shipped_model_config_has_masked_passes_off():
 
     cfg = load_anomaly_model(None).cfg
     assert cfg.maps.masked_block == 0 and recon_options(cfg.maps)["masked"] == 0
+
+
+def test_training_hides_one_phase_of_cubes_inside_the_brain_only():
+    from types import SimpleNamespace
+
+    from volseg.anomaly.recon import phase_index
+    from volseg.anomaly.train import hide_cubes
+
+    rng = np.random.default_rng(3)
+    clean = rng.uniform(0.3, 1.2, (20, 20, 20)).astype(np.float32)
+    mask = np.zeros(clean.shape, bool)
+    mask[2:18, 3:17, 4:16] = True
+    weight = np.zeros(clean.shape, np.float32)
+    weight[5:7, 5:7, 5:7] = 0.4
+    ip = SimpleNamespace(blocks=(4,), phases=(2,), fill="wm", weight=1.0)
+    out, w = hide_cubes(clean, clean, mask, weight, rng, ip)
+    hidden = out != clean
+    assert hidden.any() and not (hidden & ~mask).any()  # only brain voxels are hidden
+    assert np.all(out[hidden] == 1.0) and np.all(w[hidden] == 1.0)
+    frac = hidden.sum() / mask.sum()
+    assert 0.3 < frac < 0.7  # one of two checkerboard phases
+    assert np.all(w[~hidden] == weight[~hidden])  # other weights kept
+    # the hidden set is one phase of a 4-voxel checkerboard: constant phase in every hidden cube
+    for off in np.ndindex(4, 4, 4):
+        ph = phase_index((24, 24, 24), 4, 2)[off[0]:off[0] + 20, off[1]:off[1] + 20, off[2]:off[2] + 20]
+        if any(np.array_equal(hidden, mask & (ph == p)) for p in (0, 1)):
+            break
+    else:
+        raise AssertionError("hidden voxels are not one phase of a shifted 4-voxel checkerboard")
+    ip8 = SimpleNamespace(blocks=(3,), phases=(8,), fill="median", weight=0.5)
+    out8, w8 = hide_cubes(clean, clean, mask, weight, np.random.default_rng(1), ip8)
+    h8 = out8 != clean
+    assert 0.05 < h8.sum() / mask.sum() < 0.25  # one of eight phases
+    assert np.allclose(out8[h8], np.median(clean[mask])) and np.all(w8[h8] >= 0.5)
+
+
+def test_inpaint_config_loads_and_checks_its_fill(tmp_path):
+    from volseg.anomaly.config import load_ae_config
+    from volseg.config import ConfigError
+
+    cfg = load_ae_config("configs/ae_inpaint.yaml")
+    assert cfg.inpaint.prob > 0 and cfg.maps.masked_block == 4
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("inpaint:\n  fill: blur\n")
+    with pytest.raises(ConfigError, match="inpaint.fill"):
+        load_ae_config(bad)

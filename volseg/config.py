@@ -91,6 +91,7 @@ CHOICES = {
     "maps.residual": ("abs", "positive", "negative"),
     "maps.masked_fill": ("wm", "median", "blur"),
     "maps.masked_phases": (2, 8),
+    "inpaint.fill": ("wm", "median"),
 }
 
 

@@ -41,6 +41,21 @@ class CorruptionConfig:
 
 
 @dataclass(frozen=True)
+class InpaintConfig:
+    """Masked-cube inpainting during training (for the masked passes of the maps,
+    ``maps.masked_block``): after corruption, the brain voxels of one phase of a cube lattice
+    (cubes of ``blocks`` voxels, random offset, 2-phase checkerboard or 8-phase interleave) are
+    replaced by the ``fill`` and the network must return the clean tissue there from context
+    alone, so that at inference a voxel's reconstruction never sees that voxel."""
+
+    prob: float = 0.0  # chance that a training patch gets hidden cubes (0: off)
+    blocks: tuple[int, ...] = (4, 6)  # cube sizes in working-grid voxels, drawn uniformly
+    phases: tuple[int, ...] = (2, 8)  # lattice kinds, drawn uniformly
+    fill: str = "wm"  # what hidden voxels hold: wm (1.0) | median (brain median of the patch)
+    weight: float = 1.0  # loss weight of a hidden voxel in the focused L1 (as a fully corrupted voxel)
+
+
+@dataclass(frozen=True)
 class AEAugmentConfig:
     prob: float = 0.5
     rotate_deg: float = 10.0
@@ -96,6 +111,7 @@ class AEConfig:
     net: AENetConfig = field(default_factory=AENetConfig)
     data: AEDataConfig = field(default_factory=AEDataConfig)
     corruption: CorruptionConfig = field(default_factory=CorruptionConfig)
+    inpaint: InpaintConfig = field(default_factory=InpaintConfig)
     augment: AEAugmentConfig = field(default_factory=AEAugmentConfig)
     train: AETrainConfig = field(default_factory=AETrainConfig)
     maps: MapConfig = field(default_factory=MapConfig)
@@ -109,5 +125,5 @@ def load_ae_config(path=None) -> AEConfig:
     return load_config(path, cls=AEConfig) if path else AEConfig()
 
 
-__all__ = ["AEConfig", "AENetConfig", "AEDataConfig", "CorruptionConfig", "AEAugmentConfig",
+__all__ = ["AEConfig", "AENetConfig", "AEDataConfig", "CorruptionConfig", "InpaintConfig", "AEAugmentConfig",
            "AETrainConfig", "MapConfig", "CalibrationConfig", "load_ae_config"]

@@ -30,7 +30,7 @@ from volseg.anomaly.config import AEConfig
 from volseg.anomaly.data import cached_brains, cached_synth_brains, cached_validation, load_npz
 from volseg.anomaly.lesions import corrupt_patch
 from volseg.anomaly.maps import residual_map
-from volseg.anomaly.recon import reconstruct
+from volseg.anomaly.recon import recon_options, reconstruct
 from volseg.config import expand_path
 from volseg.nets.autoencoder import build_autoencoder
 from volseg.training import TrainHooks, train_loop
@@ -109,11 +109,34 @@ class PatchDataset(Dataset):
         if rng.random() < cfg.augment.csf_grow:
             clean = grow_csf(clean, m, rng)
         noisy, corrupted = corrupt_patch(clean, m, rng, cfg.corruption, cfg.preprocess.grid.spacing_mm)
+        ip = getattr(cfg, "inpaint", None)
+        if ip is not None and ip.prob > 0 and rng.random() < ip.prob:
+            noisy, corrupted = hide_cubes(noisy, clean, m, corrupted, rng, ip)
         return noisy, clean, corrupted.astype(np.float32)
 
     def __getitem__(self, i: int):
         noisy, clean, weight = self.sample(i + self.start)
         return torch.from_numpy(noisy[None]), torch.from_numpy(clean[None]), torch.from_numpy(weight[None])
+
+
+def hide_cubes(noisy: np.ndarray, clean: np.ndarray, mask: np.ndarray, weight: np.ndarray, rng, ip):
+    """The inpainting task of a patch (:class:`~volseg.anomaly.config.InpaintConfig`): one phase of
+    a cube lattice (random cube size, kind and offset) is hidden inside the brain by the fill;
+    the hidden voxels join the loss's focus with weight ``ip.weight`` (the target stays the clean
+    patch). Returns (input, focus weights)."""
+    from volseg.anomaly.recon import phase_index
+
+    block = int(rng.choice(np.asarray(ip.blocks)))
+    phases = int(rng.choice(np.asarray(ip.phases)))
+    off = rng.integers(0, block, size=3)
+    big = phase_index(tuple(s + block for s in noisy.shape), block, phases)
+    phase = big[off[0]:off[0] + noisy.shape[0], off[1]:off[1] + noisy.shape[1], off[2]:off[2] + noisy.shape[2]]
+    hide = mask & (phase == int(rng.integers(phases)))
+    if not hide.any():
+        return noisy, weight
+    fill = 1.0 if ip.fill == "wm" else float(np.median(noisy[mask]))
+    out = np.where(hide, np.float32(fill), noisy).astype(np.float32)
+    return out, np.maximum(weight, hide.astype(np.float32) * float(ip.weight))
 
 
 def grow_csf(x: np.ndarray, mask: np.ndarray, rng, level: float = 0.35) -> np.ndarray:
@@ -161,7 +184,7 @@ def validate(net, val: list[Path], cfg: AEConfig, device) -> dict:
     erode = int(round(mc.erode_mm / cfg.preprocess.grid.spacing_mm))
     for path in val:
         d = load_npz(path)
-        recon = reconstruct(net, d["image"], d["mask"], device, passes=mc.passes)
+        recon = reconstruct(net, d["image"], d["mask"], device, **recon_options(mc))
         amap = residual_map(d["image"], recon, d["mask"], mc.residual, erode, mc.median_size)
         inside = d["mask"] > 0
         raw = np.abs(d["image"] - 1.0)  # the no-model baseline: distance from the white-matter level
@@ -258,4 +281,4 @@ def train(cfg: AEConfig, resume: Path | None = None, max_steps: int | None = Non
     return train_loop(cfg, hooks, resume=resume, max_steps=max_steps, progress=progress, stop_after=stop_after)
 
 
-__all__ = ["train", "validate", "PatchDataset", "restoration_loss", "patch_augmentation", "AEHooks"]
+__all__ = ["train", "validate", "PatchDataset", "restoration_loss", "hide_cubes", "patch_augmentation", "AEHooks"]
