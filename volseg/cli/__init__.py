@@ -1,7 +1,7 @@
 """The ``volseg`` command: builds the parser from the command modules and runs one command.
 
 One module per command family (``preprocess``, ``synth``, ``strip``, ``train``, ``anomaly`` for
-anomaly/calibrate/evaluate, ``cohort`` for run/gather, ``slurm``), each with a ``register(sub)``
+anomaly/calibrate/evaluate, ``cohort`` for run/gather, ``review``, ``slurm``), each with a ``register(sub)``
 that adds its subparsers. They import :mod:`volseg.cli.common` (the one error handler and exit
 codes, shared options and helpers) and library modules, never each other nor this package.
 Heavy imports (torch, MONAI, nibabel) happen inside the commands so that ``volseg --help``
@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from volseg import __version__
-from volseg.cli import anomaly, cohort, preprocess, slurm, strip, synth, train
+from volseg.cli import anomaly, cohort, preprocess, review, slurm, strip, synth, train
 from volseg.cli.common import (
     EXIT_CODES_HELP,
     EXIT_USAGE,
@@ -23,7 +23,7 @@ from volseg.cli.common import (
     setup_logging,
 )
 
-COMMAND_MODULES = (preprocess, synth, strip, train, anomaly, cohort, slurm)  # the order of --help
+COMMAND_MODULES = (preprocess, synth, strip, train, anomaly, cohort, review, slurm)  # the order of --help
 
 __all__ = ["build_parser", "main"]
 
