@@ -30,4 +30,5 @@ echo
 column -t -s $'\t' "$OUT/volseg_summary.tsv" 2>/dev/null || cat "$OUT/volseg_summary.tsv"
 echo
 echo "QC report: file://$PWD/$OUT/report.html"
+echo "Check and rate the scans in a 3D viewer: .venv/bin/volseg review $OUT   (then open the URL it prints)"
 echo "quickstart done in $((SECONDS - start)) s"
