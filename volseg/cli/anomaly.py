@@ -11,6 +11,7 @@ from volseg.cli.common import (
     add_control_args,
     device_name,
     finish,
+    log,
     run_inputs,
     set_command,
     set_threads,
@@ -51,8 +52,8 @@ def cmd_anomaly(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from volseg.cohort.controls import control_brains
     from volseg.anomaly.evaluate import Case, calibrate
+    from volseg.cohort.controls import control_brains
     from volseg.io import scan_id
     from volseg.nets.folder import PACKAGE_MODELS, copy_model_folder
 
@@ -65,6 +66,13 @@ def cmd_calibrate(args) -> int:
         dest = Path(model.model_dir)
     brains = control_brains(args.healthy, Path(dest) / "controls", tuple(args.participant_label or ()),
                             heads=args.heads, strip_model=args.strip_model) if args.healthy else []
+    rated = []
+    if args.from_ratings is not None:
+        from volseg.review.feedback import rated_controls
+
+        rated = rated_controls(args.from_ratings)
+        given = {Path(b).resolve() for b in brains}
+        brains = list(brains) + [b for b in rated if b not in given]
     cases = [Case(id=scan_id(p), image=str(p)) for p in brains]
     if args.synth:
         from volseg.anomaly.data import synth_brain
@@ -75,13 +83,36 @@ def cmd_calibrate(args) -> int:
             data, mask, meta = synth_brain(s)
             cases.append(Case(id=f"synth{s}", arrays=(data, mask, None, meta)))
     if not cases:
-        raise UsageError("give healthy brain images and/or --synth N")
+        raise UsageError("give healthy brain images, --from-ratings OUT and/or --synth N")
+    if args.from_ratings is not None:
+        print(f"{len(rated)} rated healthy controls from {args.from_ratings} "
+              + (f"on top of the given {_given(args)}" if args.healthy or args.synth else
+                 "(instead of the shipped calibration set)" if args.model is None else
+                 f"(instead of the calibration set of {args.model})"), file=sys.stderr)
+    _warn_training_brains(model, brains)
     calib = calibrate(model, cases, fpr=args.fpr, percentile=args.percentile)
     out = copy_model_folder(model.model_dir, dest, calib)
     print(f"voxel threshold {calib['voxel_threshold']:.4f} (healthy FPR {calib['voxel_fpr']}), scan threshold "
           f"{calib['scan_threshold']:.4f} ({calib['scan_percentile']}th percentile of {len(cases)} healthy scans) "
           f"-> model folder {out}")
     return EXIT_OK
+
+
+def _given(args) -> str:
+    return " and ".join(w for w, on in (("controls", args.healthy), (f"{args.synth} synthetic brains", args.synth)) if on)
+
+
+def _warn_training_brains(model, brains) -> None:
+    """Warn when a calibration brain is one the model was trained (or fine-tuned) on: its
+    thresholds would be too low for brains the model never saw."""
+    from volseg.config import expand_path
+
+    trained = ((model.info.get("config") or {}).get("data") or {}).get("healthy") or []
+    seen = {Path(expand_path(str(h))).resolve() for h in trained if h != "mni152"}
+    both = [str(b) for b in brains if Path(b).resolve() in seen]
+    if both:
+        log.warning("%d calibration brain(s) were used to train the model %s (e.g. %s); calibrate on controls it "
+                    "never saw", len(both), model.model_dir, both[0])
 
 
 def cmd_evaluate(args) -> int:
@@ -153,12 +184,19 @@ def register(sub) -> None:
                        description="Voxel threshold at a healthy false-positive rate, scan threshold at "
                                    "the 95th percentile of healthy scan scores, from healthy controls only; "
                                    "writes a complete model folder (weights + calibration.json) that "
-                                   "'volseg anomaly --model' and 'volseg run --anomaly-model' use.")
+                                   "'volseg anomaly --model' and 'volseg run --anomaly-model' use. The controls "
+                                   "are the given images, the scans of a run rated healthy (--from-ratings) "
+                                   "and/or synthetic brains (--synth); they replace the model's calibration set.")
     p.add_argument("healthy", nargs="*", metavar="INPUT",
                    help="healthy controls never used to train the model: brain-only images (mask: non-zero voxels "
                         "or a X_brainmask file beside), or heads with --heads; files, folders, list files or BIDS")
     add_control_args(p)
-    p.add_argument("--synth", type=int, default=0, metavar="N", help="add N synthetic healthy brains")
+    p.add_argument("--from-ratings", type=Path, default=None, metavar="OUT",
+                   help="add the brain images of the scans of the run folder OUT (volseg run -o) that every rater "
+                        "calls a good mask with no finding (OUT/volseg_ratings.tsv, from 'volseg review')")
+    p.add_argument("--synth", type=int, default=0, metavar="N",
+                   help="add N synthetic healthy brains (the shipped model was calibrated on a real brain that is "
+                        "not shipped plus --synth 8 --synth-seed 9000: add --synth 8 to keep that part)")
     p.add_argument("--synth-seed", type=int, default=9000, help="seed of the synthetic brains (default 9000)")
     p.add_argument("--fpr", type=float, default=None, help="healthy voxel false-positive rate (config: 0.001)")
     p.add_argument("--percentile", type=float, default=None, help="scan-score percentile (config: 95)")

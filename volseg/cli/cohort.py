@@ -74,6 +74,9 @@ def cmd_gather(args) -> int:
     print(f"volseg gather: {res.n_ok} scans done, {res.n_failed} failed"
           + (f"; unfinished shards: {', '.join(res.missing_shards)}" if res.missing_shards else ""),
           file=sys.stderr)
+    for row in res.rejected:
+        print(f"volseg gather: {row['scan']} rejected by {', '.join(row['raters'])}"
+              + (f" ({'; '.join(row['comments'])})" if row["comments"] else ""), file=sys.stderr)
     for p in res.paths:
         print(p)
     return EXIT_OK if res.ok else EXIT_FAILED
@@ -128,8 +131,11 @@ def register(sub) -> None:
 
     p = sub.add_parser("gather", help="merge the shards of a run into the tables and the report",
                        description="Rebuild OUT/volseg_summary.tsv, OUT/volseg_failures.tsv and "
-                                   "OUT/report.html from every scan recorded in OUT (all shards). "
-                                   "Exit code 1 when a scan failed or a shard has not finished.")
+                                   "OUT/report.html from every scan recorded in OUT (all shards), and "
+                                   "list the scans whose brain mask a rater rejects in OUT/volseg_ratings.tsv "
+                                   "('volseg review'; only read) on stderr and in OUT/volseg_rejected.tsv "
+                                   "(removed when none is). Exit code 1 when a scan failed or a shard has not "
+                                   "finished.")
     p.add_argument("output", type=Path, metavar="OUT", help="the folder given to volseg run -o")
     p.add_argument("--no-report", action="store_true", help="tables only")
     set_command(p, cmd_gather)

@@ -3,6 +3,7 @@ site's healthy controls."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from volseg.cli.common import EXIT_OK, UsageError, add_control_args, set_command
@@ -26,11 +27,29 @@ def cmd_train(args) -> int:
     from volseg.strip.train import train
 
     cfg = load_strip_config(args.config)
+    if args.from_ratings is not None:
+        cfg = _add_rated_pairs(cfg, args.from_ratings)
     summary = train(cfg, resume=args.resume, max_steps=args.steps)
     if _rank0():
         print(f"best validation Dice {summary['best_val_dice']:.4f} after {summary['steps']} steps; "
               f"outputs in {summary['out_dir']}")
     return EXIT_OK
+
+
+def _add_rated_pairs(cfg, out: Path):
+    """``cfg`` with the pairs of the scans of ``out`` whose masks the raters call good added to
+    ``data.real``: a CSV written into the training run's ``out_dir``."""
+    import dataclasses
+
+    from volseg.config import expand_path
+    from volseg.review.feedback import STRIP_PAIRS, rated_strip_pairs
+    from volseg.strip.data import find_pairs
+
+    dest = rated_strip_pairs(out, Path(expand_path(cfg.train.out_dir)).resolve() / STRIP_PAIRS)
+    n = len(find_pairs(dest))
+    if _rank0():
+        print(f"added {n} rated image/mask pairs from {out} to the training data ({dest})", file=sys.stderr)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, real=tuple(cfg.data.real) + (str(dest),)))
 
 
 def _train_ae(args) -> int:
@@ -41,11 +60,12 @@ def _train_ae(args) -> int:
         from volseg.nets.folder import PACKAGE_MODELS
 
         args.init = PACKAGE_MODELS / "ae" if args.init == "shipped" else Path(args.init)
-    if not args.healthy:
+    finetune = bool(args.healthy) or args.from_ratings is not None
+    if not finetune:
         # a training run from a config; with --init its weights start from that model
         if args.config is None:
             raise UsageError("'train ae' needs -c CONFIG (e.g. configs/ae.yaml), or --init MODEL with the "
-                             "site's healthy controls (--healthy) to fine-tune")
+                             "site's healthy controls (--healthy and/or --from-ratings OUT) to fine-tune")
         cfg = load_ae_config(args.config)
         steps = args.steps
     else:
@@ -53,18 +73,28 @@ def _train_ae(args) -> int:
         from volseg.cohort.controls import control_brains
 
         if args.init is None:
-            raise UsageError("--healthy controls are for fine-tuning; give --init MODEL too")
+            raise UsageError("--healthy and --from-ratings controls are for fine-tuning; give --init MODEL too")
         if args.output is None:
-            raise UsageError("fine-tuning (--init with --healthy): give -o DIR for the fine-tuned model")
+            raise UsageError("fine-tuning (--init with --healthy or --from-ratings): give -o DIR for the "
+                             "fine-tuned model")
         brains = control_brains(args.healthy, args.output / "controls", tuple(args.participant_label or ()),
-                                heads=args.heads, strip_model=args.strip_model)
+                                heads=args.heads, strip_model=args.strip_model) if args.healthy else []
+        if args.from_ratings is not None:
+            from volseg.review.feedback import rated_controls
+
+            rated = rated_controls(args.from_ratings)
+            given = {Path(b).resolve() for b in brains}
+            brains = list(brains) + [b for b in rated if b not in given]
+            if _rank0():
+                print(f"{len(rated)} rated healthy controls from {args.from_ratings}"
+                      + (f" on top of {len(given)} given controls" if args.healthy else ""), file=sys.stderr)
         base = load_ae_config(args.config) if args.config else None
         cfg = finetune_config(args.init, brains, args.output, steps=args.steps or 300, lr=args.lr or 1e-4,
                               synth=args.synth, base=base)
         steps = None
     summary = train_ae(cfg, resume=args.resume, max_steps=steps, init=args.init)
     if _rank0():
-        if args.healthy:
+        if finetune:
             print(f"fine-tuned {args.init} for {summary['steps']} steps on {len(cfg.data.healthy)} controls; "
                   f"model in {summary['out_dir']}/final (calibrate it: volseg calibrate --model "
                   f"{summary['out_dir']}/final CONTROLS -o DIR)")
@@ -84,6 +114,12 @@ def register(sub) -> None:
     p.add_argument("--resume", type=Path, default=None, metavar="CKPT", help="checkpoint (last.pt) to resume")
     p.add_argument("--steps", type=int, default=None,
                    help="override the number of training steps (fine-tuning: default 300)")
+    p.add_argument("--from-ratings", type=Path, default=None, metavar="OUT",
+                   help="train on the rated scans of the run folder OUT (volseg run -o; OUT/volseg_ratings.tsv from "
+                        "'volseg review'). strip: add the scans whose masks every rater calls good (source image "
+                        "+ brain mask, a CSV written to the run's out_dir) to data.real; ae (with --init): "
+                        "fine-tune on the scans every rater calls a good mask with no finding, with or "
+                        "without --healthy")
     g = p.add_argument_group("fine-tuning the anomaly model on a site's healthy controls (ae only)")
     g.add_argument("--init", default=None, metavar="MODEL",
                    help="model folder to start from, or 'shipped' for volseg's own anomaly model")

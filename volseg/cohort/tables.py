@@ -3,7 +3,9 @@
 ``volseg_summary.tsv``: one row per scan (ok or failed); ``volseg_failures.tsv``: the failed
 scans with their stage and error; ``report.html``: the QC report. A sharded run writes its own
 tables to ``logs/shard-K-of-N_*.tsv``; :func:`gather` checks that every shard has finished and
-writes the cohort's tables and report.
+writes the cohort's tables and report, and ``volseg_rejected.tsv``: the scans whose brain mask a
+rater rejects in ``volseg_ratings.tsv`` (``volseg review``; that file is only read), so that they
+can be left out downstream.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ SUMMARY_COLUMNS = (
     "time_anomaly_s", "time_export_s", "time_total_s", "source",
 )
 FAILURE_COLUMNS = ("scan", "stage", "error", "source")
+REJECTED = "volseg_rejected.tsv"
+REJECTED_COLUMNS = ("scan", "raters", "comments", "source")
 _SHARD_TABLE = re.compile(r"^shard-(\d+)-of-(\d+)_summary\.tsv$")
 
 
@@ -101,12 +105,40 @@ def write_report(out: Path, records: list[dict]) -> Path:
     return Path(out) / REPORT
 
 
+def rejected_rows(out: Path, records: list[dict]) -> list[dict]:
+    """The scans whose mask a rater rejects (each rater's latest rating in
+    ``OUT/volseg_ratings.tsv``), by scan: ``{"scan", "raters", "comments", "source"}`` with the
+    raters and their comments (``"rater: comment"``) as lists; [] without ratings."""
+    # pure stdlib, imported here: volseg.cohort never imports volseg.review at module level
+    from volseg.review.ratings import read_ratings, rejected
+
+    sources = {r.get("scan"): r.get("source") for r in records}
+    return [{"scan": scan, "raters": [r["rater"] for r in rs],
+             "comments": [f"{r['rater']}: {r['comment']}" for r in rs if r["comment"]],
+             "source": sources.get(scan)}
+            for scan, rs in rejected(read_ratings(out)).items()]
+
+
+def write_rejected(out: Path, rows: list[dict]) -> Path | None:
+    """Write ``OUT/volseg_rejected.tsv`` (atomically, only when it changes), or remove it when
+    no scan is rejected; the path, or None."""
+    path = Path(out) / REJECTED
+    if not rows:
+        path.unlink(missing_ok=True)
+        return None
+    rows = [{k: v or None for k, v in r.items()} for r in rows]  # n/a for no comment
+    with AtomicWriter() as w:
+        save_if_changed(w, tsv(rows, REJECTED_COLUMNS), path)
+    return path
+
+
 @dataclass
 class GatherResult:
     n_ok: int = 0
     n_failed: int = 0
     missing_shards: list[str] = field(default_factory=list)
     paths: list[Path] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)  # rows of volseg_rejected.tsv (rejected_rows)
 
     @property
     def ok(self) -> bool:
@@ -125,8 +157,9 @@ def missing_shards(out: Path) -> list[str]:
 
 
 def gather(out: Path, report: bool = True, extra=()) -> GatherResult:
-    """Merge all scans recorded in ``out`` (every shard's) into the tables and the report;
-    ``extra``: failure records that have no record file (inputs refused before processing)."""
+    """Merge all scans recorded in ``out`` (every shard's) into the tables and the report, and
+    list the scans whose mask a rater rejects (:func:`write_rejected`; the ratings file is only
+    read); ``extra``: failure records that have no record file (inputs refused before processing)."""
     out = Path(out)
     records = load_records(out) + list(extra)
     res = GatherResult(n_ok=sum(r.get("status") == "ok" for r in records))
@@ -136,6 +169,10 @@ def gather(out: Path, report: bool = True, extra=()) -> GatherResult:
         log.warning("shard %s has not finished (no logs/shard-%s-of-%s_summary.tsv)",
                     s, *s.split("/"))
     res.paths = list(write_tables(out, records))
+    res.rejected = rejected_rows(out, records)
+    rejected_path = write_rejected(out, res.rejected)
+    if rejected_path is not None:
+        res.paths.append(rejected_path)
     if report:
         res.paths.append(write_report(out, records))
     return res
