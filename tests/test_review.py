@@ -66,6 +66,11 @@ def test_ratings_round_trip_and_latest_per_rater(tmp_path):
     R.append_rating(tmp_path, R.make_rating({"scan": "sub-a", "rater": "bob", "mask": "reject", "anomaly": ""}))
     got = R.read_ratings(tmp_path)
     assert list(R.rejected(got)) == ["sub-a"] and R.healthy_controls(got) == []
+    # a later rating of one field keeps the same rater's verdict on the other
+    bob = [r for r in R.latest(got)["sub-a"] if r["rater"] == "bob"][0]
+    assert (bob["mask"], bob["anomaly"]) == ("reject", "no finding")
+    R.append_rating(tmp_path, R.make_rating({"scan": "sub-a", "rater": "bob", "mask": "good"}))
+    assert R.healthy_controls(R.read_ratings(tmp_path)) == ["sub-a"]
 
 
 def _append_many(args):

@@ -131,11 +131,14 @@ def read_ratings(out) -> list[dict]:
 
 
 def latest(ratings: list[dict]) -> dict[str, list[dict]]:
-    """Per scan, each rater's latest rating (the order of the file decides; a later rating
-    replaces an earlier one by the same rater), raters in the order they first rated."""
+    """Per scan, each rater's current verdict, raters in the order they first rated: field by
+    field (``mask``, ``anomaly``, ``comment``), the latest non-empty value that rater gave (the
+    order of the file decides), so a later rating of the mask alone does not take back the same
+    rater's verdict on the map; ``time`` is that rater's latest rating."""
     per: dict[str, dict[str, dict]] = {}
     for r in ratings:
-        per.setdefault(r["scan"], {})[r["rater"]] = r
+        cur = per.setdefault(r["scan"], {}).setdefault(r["rater"], {c: "" for c in COLUMNS})
+        cur.update({k: v for k, v in r.items() if k in COLUMNS and (v or k in ("scan", "rater", "time"))})
     return {scan: list(by.values()) for scan, by in per.items()}
 
 
