@@ -31,8 +31,14 @@ def _template():
 def render_scan_report(detail: dict, folder: str) -> str:
     """HTML of one scan's report from :meth:`volseg.review.server.ReviewApp.scan`'s ``detail``."""
     s = detail["summary"]
-    numbers = [(label, (s.get(k) or "n/a") + (f" {unit}" if unit and s.get(k) not in (None, "", "n/a") else ""))
-               for k, label, unit in NUMBERS if k in s]
+    def show(key: str, unit: str) -> str:
+        v = s.get(key)
+        if v in (None, "", "n/a"):
+            return "none" if key == "qc_notes" else "n/a"
+        v = {"true": "yes", "false": "no"}.get(v, v)
+        return f"{v} {unit}" if unit else v
+
+    numbers = [(label, show(k, unit)) for k, label, unit in NUMBERS if k in s]
     thr = detail.get("anomaly") or {}
     if thr.get("voxel_threshold") is not None:
         numbers.append(("voxel / scan threshold", f"{thr['voxel_threshold']:.4g} / {thr.get('scan_threshold') or 0:.4g}"))
