@@ -53,7 +53,10 @@ VARIANTS["masked6_p2_iter0.4"] = {"masked_block": 6, "masked_phases": 2, "masked
 for _ph in (2, 8):
     VARIANTS[f"masked6_p{_ph}_iter0.2"] = {"masked_block": 6, "masked_phases": _ph, "masked_iter": 0.2}
     VARIANTS[f"masked6_p{_ph}_median3"] = {"masked_block": 6, "masked_phases": _ph, "median_size": 3}
-RECON_KEYS = ("passes", "masked_block", "masked_phases", "masked_fill", "masked_iter")
+for _b in (4, 6):
+    for _ph in (2, 8):
+        VARIANTS[f"masked{_b}_p{_ph}_bright"] = {"masked_block": _b, "masked_phases": _ph, "masked_mode": "bright"}
+RECON_KEYS = ("passes", "masked_block", "masked_phases", "masked_fill", "masked_iter", "masked_mode")
 
 
 def main() -> int:

@@ -168,3 +168,26 @@ def test_inpaint_config_loads_and_checks_its_fill(tmp_path):
     bad.write_text("inpaint:\n  fill: blur\n")
     with pytest.raises(ConfigError, match="inpaint.fill"):
         load_ae_config(bad)
+
+
+def test_bright_mode_takes_bright_residuals_from_the_masked_pass_and_dark_from_the_plain():
+    from volseg.anomaly.recon import hybrid
+
+    x = torch.tensor([1.0, 1.0, 0.5, 1.5, 1.0])
+    masked = torch.tensor([1.0, 0.7, 1.0, 1.0, 1.2])   # explains: bright at 1 and 3
+    plain = torch.tensor([1.0, 1.0, 0.6, 1.5, 1.1])    # explains: dark at 2 and 4
+    got = hybrid(x, masked, plain)
+    assert torch.allclose((x - got).abs(), torch.tensor([0.0, 0.3, 0.1, 0.5, 0.1]))
+    # on a whole brain: the mode runs and gives the max of the two one-sided residuals
+    net = torch.nn.Conv3d(1, 1, 3, padding=1)
+    img = np.random.default_rng(0).uniform(0.2, 1.4, (32, 32, 32)).astype(np.float32)
+    mask = np.zeros(img.shape, bool)
+    mask[4:28, 4:28, 4:28] = True
+    r_all = reconstruct(net, img, mask, "cpu", masked=4, masked_mode="all")
+    r_plain = reconstruct(net, img, mask, "cpu")
+    r_b = reconstruct(net, img, mask, "cpu", masked=4, masked_mode="bright")
+    want = np.maximum(np.maximum(img - r_all, r_plain - img), 0)
+    assert np.allclose(np.abs(img - r_b)[mask], want[mask], atol=1e-5)
+    assert np.array_equal(r_b[~mask], r_plain[~mask])
+    with pytest.raises(ValueError, match="masked mode"):
+        reconstruct(net, img, mask, "cpu", masked=4, masked_mode="dark")

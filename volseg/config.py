@@ -92,6 +92,7 @@ CHOICES = {
     "maps.masked_fill": ("wm", "median", "blur"),
     "maps.masked_phases": (2, 8),
     "inpaint.fill": ("wm", "median"),
+    "maps.masked_mode": ("all", "bright"),
 }
 
 

@@ -97,6 +97,7 @@ class MapConfig:
     masked_phases: int = 2  # 2 (3D checkerboard of cubes) or 8 (2x2x2 interleave)
     masked_fill: str = "wm"  # what hidden voxels hold: wm (1.0) | median (brain median) | blur (8 mm blur)
     masked_iter: float = 0.0  # > 0: a second round hides the voxels whose residual is still above this
+    masked_mode: str = "all"  # all | bright (masked pass for brighter-than-expected, plain pass for darker)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,14 @@ output is kept only in those hidden voxels. Every brain voxel is hidden in exact
 the reconstruction of each voxel comes from a pass that could not see it: a lesion cannot be
 copied through. ``masked_iter`` > 0 adds one IterMask-style round: the brain voxels whose residual
 |x - x̂| (3^3 mean) is still above ``masked_iter`` (grown by one voxel) are hidden all at once and
-reconstructed from the rest."""
+reconstructed from the rest.
+
+``masked_mode="bright"`` (a hybrid): the masked reconstruction x̂_m explains only tissue brighter
+than expected and a plain pass x̂_p only tissue darker than expected: the residual is
+max(x - x̂_m, x̂_p - x, 0), returned as the reconstruction x - (x - x̂_m) where the first term wins
+and x + (x̂_p - x) where the second does (x itself where neither is positive). A network trained to
+inpaint hidden cubes repairs bright anomalies it cannot see but also misses fine dark anatomy
+(sulci, ventricles) it cannot see; the plain pass keeps that anatomy."""
 
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import torch.nn.functional as F
 from volseg.anomaly.maps import brain_bbox
 
 MASKED_FILLS = ("wm", "median", "blur")
+MASKED_MODES = ("all", "bright")
 BLUR_SIGMA_VOX = 4.0  # the "blur" fill: Gaussian sigma in working-grid voxels (8 mm at 2 mm)
 
 
@@ -37,7 +45,7 @@ def recon_options(maps) -> dict:
     config (:class:`~volseg.anomaly.config.MapConfig`) sets."""
     return {"passes": maps.passes, "masked": getattr(maps, "masked_block", 0),
             "masked_phases": getattr(maps, "masked_phases", 2), "masked_fill": getattr(maps, "masked_fill", "wm"),
-            "masked_iter": getattr(maps, "masked_iter", 0.0)}
+            "masked_iter": getattr(maps, "masked_iter", 0.0), "masked_mode": getattr(maps, "masked_mode", "all")}
 
 
 def phase_index(shape, block: int, phases: int = 2) -> np.ndarray:
@@ -94,9 +102,17 @@ def masked_pass(net, x: torch.Tensor, inside: torch.Tensor, block: int, phases: 
     return out
 
 
+def hybrid(x: torch.Tensor, masked: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+    """The ``masked_mode="bright"`` reconstruction (module notes): |x - result| equals
+    max(x - masked, plain - x, 0) voxel by voxel."""
+    pos = (x - masked).clamp(min=0)
+    neg = (plain - x).clamp(min=0)
+    return torch.where(pos >= neg, x - pos, x + neg)
+
+
 def reconstruct_batch(net, images, masks, device, multiple: int = 16, batch_size: int | None = None,
                       passes: int = 1, masked: int = 0, masked_phases: int = 2, masked_fill: str = "wm",
-                      masked_iter: float = 0.0) -> list:
+                      masked_iter: float = 0.0, masked_mode: str = "all") -> list:
     """:func:`reconstruct` for several brains.
 
     Each brain is cut to its own bounding box (margin 4, a multiple of ``multiple``); brains whose
@@ -109,6 +125,8 @@ def reconstruct_batch(net, images, masks, device, multiple: int = 16, batch_size
     ``masked_phases``, ``masked_fill`` and ``masked_iter``); 0 is the plain pass."""
     if masked and masked_fill not in MASKED_FILLS:
         raise ValueError(f"masked fill must be one of {MASKED_FILLS}, got {masked_fill!r}")
+    if masked and masked_mode not in MASKED_MODES:
+        raise ValueError(f"masked mode must be one of {MASKED_MODES}, got {masked_mode!r}")
     boxes = [brain_bbox(m, margin=4, multiple=multiple, shape=img.shape) for img, m in zip(images, masks)]
     groups: dict[tuple, list[int]] = {}
     for i, box in enumerate(boxes):
@@ -123,12 +141,15 @@ def reconstruct_batch(net, images, masks, device, multiple: int = 16, batch_size
             inside = torch.stack([torch.from_numpy(np.ascontiguousarray(masks[i][boxes[i]], dtype=np.float32))[None]
                                   for i in part]).to(device) > 0
             with torch.inference_mode():
+                x0 = x
                 for k in range(max(1, int(passes))):
                     if k == 0 and masked:
                         x = masked_pass(net, x, inside, int(masked), int(masked_phases), masked_fill,
                                         float(masked_iter))
                     else:
                         x = torch.where(inside, net(x).float(), x)
+                if masked and masked_mode == "bright":
+                    x = hybrid(x0, x, torch.where(inside, net(x0).float(), x0))
                 y = x.float().cpu().numpy()
             for k, i in enumerate(part):
                 recon = np.zeros(images[i].shape, dtype=np.float32)
@@ -137,4 +158,4 @@ def reconstruct_batch(net, images, masks, device, multiple: int = 16, batch_size
     return out
 
 
-__all__ = ["reconstruct", "reconstruct_batch", "recon_options", "phase_index", "masked_pass", "MASKED_FILLS"]
+__all__ = ["reconstruct", "reconstruct_batch", "recon_options", "phase_index", "masked_pass", "hybrid", "MASKED_FILLS", "MASKED_MODES"]
