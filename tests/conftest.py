@@ -120,3 +120,26 @@ def tiny_head(tmp_path_factory) -> tuple[Path, Path]:
         nib.save(nii, folder / name)
         paths.append(folder / name)
     return paths[0], paths[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_ae(tmp_path_factory) -> Path:
+    """An uncalibrated random-weight residual autoencoder folder (model.safetensors + model.json;
+    no N4 in its maps: quick)."""
+    import torch
+
+    from volseg.anomaly.config import AEConfig
+    from volseg.config import config_from_dict, config_to_dict
+    from volseg.nets.autoencoder import build_autoencoder
+    from volseg.nets.folder import write_model
+
+    tmp = tmp_path_factory.mktemp("tiny_ae")
+    cfg = config_from_dict({
+        "net": {"channels": [4, 8], "bottleneck": 4, "residual": True},
+        "data": {"healthy": [], "synth_count": 0, "cache_dir": str(tmp / "cache")},
+        "train": {"out_dir": str(tmp / "run"), "threads": 1, "amp": False},
+        "maps": {"n4": False, "median_size": 3},
+    }, AEConfig)
+    torch.manual_seed(0)
+    write_model(build_autoencoder(cfg.net), cfg.net, tmp / "model", {"config": config_to_dict(cfg), "kind": "ae"})
+    return tmp / "model"

@@ -91,28 +91,6 @@ MIXED = (("sub-01", "A", "good", "no finding"), ("sub-01", "B", "good", "no find
          ("sub-04", "B", "good", "no finding"), ("sub-03", "A", "good", "no finding"))
 
 
-@pytest.fixture(scope="module")
-def tiny_ae(tmp_path_factory) -> Path:
-    """An uncalibrated random-weight residual autoencoder folder (no N4 in its maps: quick)."""
-    import torch
-
-    from volseg.anomaly.config import AEConfig
-    from volseg.config import config_from_dict, config_to_dict
-    from volseg.nets.autoencoder import build_autoencoder
-    from volseg.nets.folder import write_model
-
-    tmp = tmp_path_factory.mktemp("tiny_ae")
-    cfg = config_from_dict({
-        "net": {"channels": [4, 8], "bottleneck": 4, "residual": True},
-        "data": {"healthy": [], "synth_count": 0, "cache_dir": str(tmp / "cache")},
-        "train": {"out_dir": str(tmp / "run"), "threads": 1, "amp": False},
-        "maps": {"n4": False, "median_size": 3},
-    }, AEConfig)
-    torch.manual_seed(0)
-    write_model(build_autoencoder(cfg.net), cfg.net, tmp / "model", {"config": config_to_dict(cfg), "kind": "ae"})
-    return tmp / "model"
-
-
 # ------------------------------------------------------------------------ selection
 
 
