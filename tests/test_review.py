@@ -400,3 +400,33 @@ def test_cli_warns_when_bound_beyond_this_machine_and_refuses_a_folder_without_a
     res = subprocess.run(_volseg() + ["review", str(tmp_path), "--port", "0"], capture_output=True, text=True,
                          timeout=60, check=False)
     assert res.returncode != 0 and "volseg_summary.tsv" in res.stderr and str(tmp_path) in res.stderr
+
+
+def test_a_run_without_the_anomaly_stage_shows_image_and_mask_only(tmp_path, browser):
+    from volseg.cohort.run import RunOptions, run_cohort
+    from volseg.review.server import make_server
+    from volseg.synth import synth_head
+
+    src = tmp_path / "scans"
+    src.mkdir()
+    subj = synth_head(63, voxel_size=4.0)
+    nib.save(nib.Nifti1Image(subj.image, subj.affine), str(src / "sub-m1_T1w.nii.gz"))
+    cfg = tmp_path / "fast.yaml"
+    cfg.write_text(FAST_YAML)
+    out = tmp_path / "out"
+    run_cohort([src], out, opts=RunOptions(stages=("n4", "strip"), config=str(cfg), device="cpu",
+                                           figures=False), progress=False)
+    server, app = make_server(out, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        detail = app.scan("sub-m1")
+        assert set(detail["outputs"]) == {"preproc", "mask", "brain"} and detail["figures"] == {}
+        browser.get(f"http://127.0.0.1:{server.server_address[1]}/scan/sub-m1?token={app.token}")
+        assert _wait(browser, lambda: _ready(browser)) == "1", browser.find_element("id", "error").text
+        assert browser.execute_script("return window.volsegViewer.volumes.length") == 2
+        assert not browser.find_element("id", "map-controls").is_displayed()
+        status, body = _req(server, "GET", "/scan/sub-m1/report")
+        assert status == 200 and b"No pictures" in body
+    finally:
+        server.shutdown()
+        server.server_close()
