@@ -130,9 +130,10 @@ def test_bids_sessions_map_to_derivative_paths(reference, bids_root):
         vol = float(r["brain_volume_ml"])
         assert r["status"] == "ok" and vol == pytest.approx(mask.sum() * np.prod(pre.header.get_zooms()) / 1000, abs=0.1)
         assert vol == pytest.approx(synth_head(seed, voxel_size=4.0).params["brain_volume_ml"], rel=0.1)
-        # SNR: brain mean over the air's sigma; Rayleigh air has std = sigma sqrt((4 - pi) / 2)
+        # SNR: brain mean over the sigma of the air outside head and brain; Rayleigh air has
+        # std = sigma sqrt((4 - pi) / 2)
         img = np.asarray(pre.dataobj, dtype=np.float32)
-        air = air_values(img)
+        air = air_values(img, mask)  # outside the head and the brain mask
         sigma = np.std(air[air != 0]) / np.sqrt((4 - np.pi) / 2)
         assert float(r["snr"]) == pytest.approx(img[mask].mean() / sigma, rel=0.01)
         assert 0 < float(r["time_n4_s"]) <= float(r["time_total_s"])

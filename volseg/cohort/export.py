@@ -153,7 +153,8 @@ def export_scan(out: Path, scan, res, ctx, only=None) -> dict:
     ainfo = dict(getattr(res.anomaly, "info", {}) or {}) if res.anomaly is not None else {}
     sidecars = {
         "preproc": lambda: info("preproc", N4=n4),
-        "mask": lambda: info("mask", ("preproc",), N4=n4, BrainVolume_mL=measures.get("brain_volume_ml")),
+        "mask": lambda: info("mask", ("preproc",), N4=n4, BrainVolume_mL=measures.get("brain_volume_ml"),
+                             QC=qc_sidecar(measures)),
         "brain": lambda: info("brain", ("mask",)),
         "anomaly_map": lambda: info("anomaly_map", ("preproc", "mask"), Anomaly=ainfo,
                                     AnomalyScore=measures["anomaly_score"], AnomalyFlag=measures["anomaly_flag"]),
@@ -195,6 +196,15 @@ def export_scan(out: Path, scan, res, ctx, only=None) -> dict:
                       refreshed="anomaly")
     write_record(out, scan, record)  # last: the scan is complete from here on
     return record
+
+
+def qc_sidecar(measures: dict) -> dict:
+    """The mask sidecar's ``QC``: ``qc`` (ok/check), ``notes``, ``reasons`` (the self-QC reason
+    codes, :data:`volseg.cohort.selfqc.REASONS`) and the numbers behind them."""
+    numbers = {k: v for k, v in measures.items()
+               if (k.startswith("qc_") and k not in ("qc_notes", "qc_reasons")) or k in ("brain_volume_ml", "snr")}
+    return {"qc": measures.get("qc"), "notes": list(measures.get("qc_notes", [])),
+            "reasons": list(measures.get("qc_reasons", [])), "measures": numbers}
 
 
 # What a rerun can redo without the rest: a recalibration changes only the anomaly mask and flag;

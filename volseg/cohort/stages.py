@@ -186,6 +186,8 @@ class ScanResult:
     mask: np.ndarray | None = None
     anomaly: object = None  # the anomaly stage's result object
     timings: dict = field(default_factory=dict)
+    # the strip network's own self-QC measures (tta_dice, boundary_uncertainty) or None
+    grid_qc: dict | None = None
 
 
 class ScanFailure(VolsegError):
@@ -225,13 +227,13 @@ def compute_batch(paths, ctx: Context, stored: list | None = None) -> list:
         return [i for i, r in enumerate(out) if isinstance(r, ScanResult)]
 
     if "strip" in ctx.stages and stored is None and live():
-        from volseg.strip.infer import predict_grid_batch
+        from volseg.strip.infer import predict_grid_batch_qc
 
         idx = live()
         t0 = time.perf_counter()
-        try:
-            probs = predict_grid_batch(ctx.strip_net, [out[i].prep.grid_image for i in idx], ctx.device,
-                                       tta=ctx.tta, batch_size=ctx.batch_size)
+        try:  # with the mirrored pass for self-QC (volseg.cohort.selfqc): one more pass without --tta
+            probs = predict_grid_batch_qc(ctx.strip_net, [out[i].prep.grid_image for i in idx], ctx.device,
+                                          tta=ctx.tta, batch_size=ctx.batch_size, threshold=ctx.cfg.infer.threshold)
         except Exception as exc:  # the whole pass failed (e.g. out of memory): each scan says so
             probs = [exc] * len(idx)
         share = (time.perf_counter() - t0) / len(idx)
@@ -297,7 +299,8 @@ class StoredPrep:
 
 def _load_stored(path, rec: dict, ctx: Context) -> ScanResult:
     """The input's header and intensities, and the N4-corrected image and brain mask that an
-    earlier run of the same settings wrote (``rec``: its record, paths relative to ``ctx.out``)."""
+    earlier run of the same settings wrote (``rec``: its record, paths relative to ``ctx.out``),
+    with the strip network's self-QC measures that run recorded."""
     from pathlib import Path
 
     from volseg.io import load_image
@@ -307,15 +310,20 @@ def _load_stored(path, rec: dict, ctx: Context) -> ScanResult:
     root = Path(rec["root"])
     native, _ = load_image(root / rec["outputs"]["preproc"])
     mask, _ = load_image(root / rec["outputs"]["mask"])
+    measures = rec.get("measures") or {}
+    grid_qc = {"tta_dice": measures.get("qc_tta_dice"), "boundary_uncertainty": measures.get("qc_boundary_uncertainty")}
     return ScanResult(data=data, meta=meta, prep=StoredPrep(native), mask=(mask > 0).astype(np.uint8),
-                      timings={"load_s": time.perf_counter() - t0})
+                      timings={"load_s": time.perf_counter() - t0}, grid_qc=grid_qc)
 
 
 def _finish_strip(res: ScanResult, prob, net_s: float, ctx: Context) -> ScanResult:
+    """``prob``: ``(probability, network self-QC measures)`` of the scan, or the exception of
+    its failed pass."""
     from volseg.strip.infer import mask_from_grid
 
     if isinstance(prob, BaseException):
         raise prob
+    prob, res.grid_qc = prob
     t0 = time.perf_counter()
     res.mask = mask_from_grid(prob, res.prep, ctx.cfg, ctx.border_mm)
     res.timings["strip_s"] = net_s + time.perf_counter() - t0

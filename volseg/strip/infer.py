@@ -45,7 +45,23 @@ def predict_grid_batch(net, grid_images, device, tta: bool = False, batch_size: 
     """:func:`predict_grid` for several scans, run through the network ``batch_size`` at a time
     (default: all at once). Every working grid has the same shape, and the network normalises
     each sample on its own (instance norm), so a scan's result does not depend on its batch."""
+    return [prob for prob, _ in _predict(net, grid_images, device, tta, batch_size, None)]
+
+
+def predict_grid_batch_qc(net, grid_images, device, tta: bool = False, batch_size: int | None = None,
+                          threshold: float = 0.5):
+    """:func:`predict_grid_batch`, and for each scan how sure the network was: a list of
+    ``(probability, measures)``, the measures of :func:`volseg.strip.uncertainty.prediction_measures`
+    (``tta_dice`` between the plain and the mirrored pass, ``boundary_uncertainty`` of the plain
+    pass, masks at ``threshold``). The mirrored pass is the one ``tta`` averages with: with
+    ``tta`` it costs nothing more, without it one more network pass per scan."""
+    return _predict(net, grid_images, device, tta, batch_size, threshold)
+
+
+def _predict(net, grid_images, device, tta, batch_size, qc_threshold):
     import torch
+
+    from volseg.strip.uncertainty import prediction_measures
 
     grid_images = list(grid_images)
     step = max(1, batch_size or len(grid_images) or 1)
@@ -54,15 +70,19 @@ def predict_grid_batch(net, grid_images, device, tta: bool = False, batch_size: 
         chunk = grid_images[start:start + step]
         x = torch.stack([g.as_tensor() if hasattr(g, "as_tensor") else torch.as_tensor(g)
                          for g in chunk]).to(device).float()
+        flipped = None
         with torch.inference_mode():
-            prob = torch.sigmoid(net(x))
-            if tta:  # left-right flip: the working grid is RAS, so axis 2 of (B, C, X, Y, Z)
-                prob = (prob + torch.sigmoid(net(x.flip(2))).flip(2)) / 2
-            prob = prob.float().cpu()
-        for g, p in zip(chunk, prob):
+            prob = torch.sigmoid(net(x)).float().cpu()
+            if tta or qc_threshold is not None:  # left-right flip: the working grid is RAS, so axis 2 of (B, C, X, Y, Z)
+                flipped = torch.sigmoid(net(x.flip(2))).flip(2).float().cpu()
+        measures = ([prediction_measures(p[0].numpy(), f[0].numpy(), qc_threshold) for p, f in zip(prob, flipped)]
+                    if qc_threshold is not None else [None] * len(chunk))
+        if tta:
+            prob = (prob + flipped) / 2
+        for g, p, m in zip(chunk, prob, measures):
             o = g.clone()
             o[0] = p[0]
-            out.append(o)
+            out.append((o, m))
     return out
 
 
@@ -171,4 +191,4 @@ def strip_file(path: str, out_dir, net, cfg: StripConfig, device="cpu", tta: boo
 
 
 __all__ = ["strip_file", "strip_volume", "clean_mask", "to_native", "predict_grid", "predict_grid_batch",
-           "mask_from_grid", "for_model"]
+           "predict_grid_batch_qc", "mask_from_grid", "for_model"]

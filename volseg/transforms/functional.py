@@ -47,12 +47,14 @@ def largest_component(mask: np.ndarray, connectivity: int = 1) -> np.ndarray:
     return labels == int(np.argmax(sizes))
 
 
-def head_mask(data: np.ndarray, step: int = 1, closing: int = 2) -> np.ndarray:
+def head_mask(data: np.ndarray, step: int = 1, closing: int = 2, fill_slices: bool = False) -> np.ndarray:
     """Otsu head (foreground) mask: threshold, closing (``closing`` iterations), largest
     component, holes filled.
 
     ``step`` > 1 computes it on a subsampled copy (``data[::step, ::step, ::step]``) and
-    returns the mask at that subsampled size.
+    returns the mask at that subsampled size. ``fill_slices`` also fills holes slice by slice
+    along each axis: a head that the field of view cuts (an axial slab) is open at that face,
+    so 3D filling leaves its inside empty and the mask is only the bright scalp.
     """
     small = np.asarray(data[::step, ::step, ::step], dtype=np.float32)
     thr = otsu_threshold(small[small > small.min()] if (small > small.min()).any() else small)
@@ -61,7 +63,20 @@ def head_mask(data: np.ndarray, step: int = 1, closing: int = 2) -> np.ndarray:
         mask = small > small.min()
     mask = ndi.binary_closing(mask, iterations=closing)
     mask = largest_component(mask)
-    return ndi.binary_fill_holes(mask)
+    mask = ndi.binary_fill_holes(mask)
+    if fill_slices:
+        for ax in range(3):
+            mask |= ndi.binary_fill_holes(mask, structure=_in_plane(ax))
+    return mask
+
+
+def _in_plane(axis: int) -> np.ndarray:
+    """A 3x3x3 structure that connects voxels only within planes normal to ``axis``."""
+    s = np.zeros((3, 3, 3), bool)
+    idx = [slice(None)] * 3
+    idx[axis] = 1
+    s[tuple(idx)] = ndi.generate_binary_structure(2, 1)
+    return s
 
 
 def shrink_factors(zooms, target_mm: float = 4.0) -> tuple[int, int, int]:
