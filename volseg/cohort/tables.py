@@ -27,7 +27,12 @@ SUMMARY_COLUMNS = (
     "scan", "subject", "session", "status", "brain_volume_ml", "anomaly_score", "anomaly_flag",
     "anomalous_volume_ml", "qc", "qc_notes", "snr", "time_load_s", "time_n4_s", "time_strip_s",
     "time_anomaly_s", "time_export_s", "time_total_s", "source",
+) + (
+    # self-QC (volseg.cohort.selfqc): the reason codes that fired and each measure
+    "qc_reasons", "qc_tta_dice", "qc_boundary_uncertainty", "qc_fov_cut_fraction", "qc_fov_head_cm2",
+    "qc_t1_depth_mm", "qc_bias_ratio", "qc_snr", "qc_snr_brain", "qc_orientation_margin", "qc_edge_offset_mm",
 )
+QC_COLUMNS = SUMMARY_COLUMNS[SUMMARY_COLUMNS.index("qc_reasons"):]
 FAILURE_COLUMNS = ("scan", "stage", "error", "source")
 REJECTED = "volseg_rejected.tsv"
 REJECTED_COLUMNS = ("scan", "raters", "comments", "source")
@@ -66,6 +71,7 @@ def summary_row(rec: dict) -> dict:
                                       "anomalous_volume_ml", "qc", "qc_notes", "snr")})
     row.update({f"time_{k}": t.get(k) for k in ("load_s", "n4_s", "strip_s", "anomaly_s",
                                                 "export_s", "total_s")})
+    row.update({k: m.get(k) for k in QC_COLUMNS})
     return row
 
 
