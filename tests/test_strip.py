@@ -153,6 +153,20 @@ def test_golden_colin27_through_the_cli(run_cli, shared_data, tmp_path):
     assert dice >= 0.95, f"Colin27 Dice {dice:.4f}"
 
 
+@pytest.mark.slow
+def test_golden_held_out_clinical_scan_through_the_cli(run_cli, shared_data, tmp_path):
+    """The shipped model on open_ms patient04 (a clinical 2D T1 with 3 mm slices, held out from
+    training; model card 0.949) against the dataset's brain mask."""
+    image = shared_data / "wholehead" / "open_ms" / "patient04_study1_T1W.nii.gz"
+    ref = nib.load(str(shared_data / "wholehead" / "open_ms" / "patient04_study1_T1W_brainmask.nii.gz"))
+    res = run_cli("strip", image, "-o", tmp_path / "out", "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    out = nib.load(str(tmp_path / "out" / "patient04_study1_desc-brain_mask.nii.gz"))  # "_T1W" is dropped
+    assert out.shape == ref.shape and np.allclose(out.affine, nib.load(str(image)).affine)
+    dice = _dice(np.asarray(out.dataobj), np.asarray(ref.dataobj))
+    assert dice >= 0.94, f"patient04 Dice {dice:.4f}"
+
+
 def test_find_pairs_from_folder_csv_and_file(tmp_path, tiny_head):
     from volseg.strip.data import find_pairs
 
