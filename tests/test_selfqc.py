@@ -214,3 +214,20 @@ def test_real_scan_good_is_ok_and_bad_versions_are_flagged(shared_data):
         assert q.qc == "check" and reason in q.reasons, (reason, q.notes)
     grown = self_qc(img, F.shift_mask_edge(mask, zooms, 5.0), affine, zooms)
     assert "edge" in grown.reasons and "grown" in grown.notes[grown.reasons.index("edge")]
+
+
+def test_edge_stays_at_the_brain_when_bright_marrow_splits_the_dark_band():
+    """Brain, a 2 mm dark CSF band, 2 mm of bright marrow, dark bone, then scalp: the edge is the
+    first fall (at the mask), not the deeper second trough beyond the marrow (the quick-start
+    example's sub-02 was flagged 'eroded' by +4.2 mm before)."""
+    from volseg.cohort.selfqc import Working, edge_offset
+
+    r = np.sqrt(sum((g - 60.0) ** 2 for g in np.indices((120, 120, 120), dtype=np.float32)))
+    img = np.select([r < 40, r < 42, r < 44, r < 47, r < 52], [1.0, 0.3, 0.9, 0.2, 0.8], 0.0).astype(np.float32)
+    mask = r < 40
+    w = Working(img, mask, np.eye(4), (1.0, 1.0, 1.0))
+    off = edge_offset(w.img, w.mask, w.zooms, w.inside, w.outside)
+    assert off is not None and abs(off) < 1.5, off
+    # and a truly eroded mask still reads as eroded
+    w = Working(img, r < 35, np.eye(4), (1.0, 1.0, 1.0))
+    assert edge_offset(w.img, w.mask, w.zooms, w.inside, w.outside) > 2.5

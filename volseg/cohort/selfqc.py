@@ -501,9 +501,9 @@ def edge_profile(small, sm, szooms, inside=None, outside=None):
 
 
 def edge_offset(small, sm, szooms, inside=None, outside=None) -> float | None:
-    """Where the profile of :func:`edge_profile` falls half-way from the inside level (shells
-    6-10 mm inside) to the dark trough (its minimum within 8 mm of the edge), searched from the
-    trough inwards; mm, positive outside the mask."""
+    """Where the profile of :func:`edge_profile` first falls half-way from the inside level
+    (shells 6-10 mm inside) to the dark trough (its minimum within 8 mm of the edge), walking
+    outwards from 6 mm inside; mm, positive outside the mask."""
     centres, prof = edge_profile(small, sm, szooms, inside, outside)
     ok = np.isfinite(prof)
     if ok.sum() < 8:
@@ -519,8 +519,12 @@ def edge_offset(small, sm, szooms, inside=None, outside=None) -> float | None:
     if level_in - trough < 0.1:  # no drop from brain to CSF: not a T1-like edge
         return None
     half_level = (level_in + trough) / 2
-    for k in range(k_min, 0, -1):
-        if prof[k - 1] >= half_level:  # crossing between k-1 and k
+    # the first fall below half-way, walking outwards from the inside shells to the trough: a
+    # skull whose bright marrow splits the dark band into two troughs must not move the edge
+    # out to the second one
+    start = int(np.flatnonzero(centres > -6)[0]) if (centres > -6).any() else 1
+    for k in range(max(start, 1), k_min + 1):
+        if prof[k - 1] >= half_level > prof[k]:  # crossing between k-1 and k
             a, b = prof[k - 1], prof[k]
             t = (a - half_level) / (a - b) if a != b else 0.0
             return float(centres[k - 1] + t * (centres[k] - centres[k - 1]))
