@@ -66,13 +66,11 @@ def cmd_calibrate(args) -> int:
         dest = Path(model.model_dir)
     brains = control_brains(args.healthy, Path(dest) / "controls", tuple(args.participant_label or ()),
                             heads=args.heads, strip_model=args.strip_model) if args.healthy else []
-    rated = []
+    n_rated = 0
     if args.from_ratings is not None:
-        from volseg.review.feedback import rated_controls
+        from volseg.review.feedback import add_rated_controls
 
-        rated = rated_controls(args.from_ratings)
-        given = {Path(b).resolve() for b in brains}
-        brains = list(brains) + [b for b in rated if b not in given]
+        brains, n_rated = add_rated_controls(brains, args.from_ratings)
     cases = [Case(id=scan_id(p), image=str(p)) for p in brains]
     if args.synth:
         from volseg.anomaly.data import synth_brain
@@ -85,7 +83,7 @@ def cmd_calibrate(args) -> int:
     if not cases:
         raise UsageError("give healthy brain images, --from-ratings OUT and/or --synth N")
     if args.from_ratings is not None:
-        print(f"{len(rated)} rated healthy controls from {args.from_ratings} "
+        print(f"{n_rated} rated healthy controls from {args.from_ratings} "
               + (f"on top of the given {_given(args)}" if args.healthy or args.synth else
                  "(instead of the shipped calibration set)" if args.model is None else
                  f"(instead of the calibration set of {args.model})"), file=sys.stderr)

@@ -80,14 +80,13 @@ def _train_ae(args) -> int:
         brains = control_brains(args.healthy, args.output / "controls", tuple(args.participant_label or ()),
                                 heads=args.heads, strip_model=args.strip_model) if args.healthy else []
         if args.from_ratings is not None:
-            from volseg.review.feedback import rated_controls
+            from volseg.review.feedback import add_rated_controls
 
-            rated = rated_controls(args.from_ratings)
-            given = {Path(b).resolve() for b in brains}
-            brains = list(brains) + [b for b in rated if b not in given]
+            n_given = len({Path(b).resolve() for b in brains})
+            brains, n_rated = add_rated_controls(brains, args.from_ratings)
             if _rank0():
-                print(f"{len(rated)} rated healthy controls from {args.from_ratings}"
-                      + (f" on top of {len(given)} given controls" if args.healthy else ""), file=sys.stderr)
+                print(f"{n_rated} rated healthy controls from {args.from_ratings}"
+                      + (f" on top of {n_given} given controls" if args.healthy else ""), file=sys.stderr)
         base = load_ae_config(args.config) if args.config else None
         cfg = finetune_config(args.init, brains, args.output, steps=args.steps or 300, lr=args.lr or 1e-4,
                               synth=args.synth, base=base)

@@ -80,6 +80,18 @@ def tsv(rows: list[dict], columns) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_tsv(path: Path) -> list[dict]:
+    """The rows of a table written by :func:`tsv` (or by hand), as text (``n/a`` kept as
+    written); lines whose number of cells differs from the header's, and blank lines, are
+    skipped."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    if not lines:
+        return []
+    header = lines[0].split("\t")
+    rows = (line.split("\t") for line in lines[1:] if line.strip())
+    return [dict(zip(header, cells)) for cells in rows if len(cells) == len(header)]
+
+
 def save_if_changed(w: AtomicWriter, text: str, path: Path) -> Path:
     """Stage ``text`` for ``path`` unless the file already holds exactly it (a rerun that
     changes nothing rewrites nothing)."""

@@ -116,6 +116,14 @@ def rated_controls(out) -> list[Path]:
     return brains
 
 
+def add_rated_controls(brains, out) -> tuple[list[Path], int]:
+    """``brains`` (healthy control images given otherwise) with :func:`rated_controls` of ``out``
+    appended, a brain given twice kept once; and the number of rated controls."""
+    rated = rated_controls(out)
+    given = {Path(b).resolve() for b in brains}
+    return list(brains) + [b for b in rated if Path(b).resolve() not in given], len(rated)
+
+
 def rated_strip_pairs(out, dest_csv) -> Path:
     """Write ``dest_csv`` (atomically): one row ``image,mask,scan`` per scan whose mask every rater
     calls ``good``, pairing its source image with its ``_desc-brain_mask`` (absolute paths), among
@@ -156,4 +164,4 @@ def rated_strip_pairs(out, dest_csv) -> Path:
     return dest
 
 
-__all__ = ["STRIP_PAIRS", "STRIP_PAIR_COLUMNS", "rated_controls", "rated_strip_pairs"]
+__all__ = ["STRIP_PAIRS", "STRIP_PAIR_COLUMNS", "add_rated_controls", "rated_controls", "rated_strip_pairs"]

@@ -110,24 +110,14 @@ def append_rating(out, row: dict) -> Path:
 def read_ratings(out) -> list[dict]:
     """Every rating in ``OUT/volseg_ratings.tsv`` in the order written ([] when there is none).
     Lines that are not complete rows (a hand-edited file) are skipped."""
-    path = Path(out) / RATINGS
+    from volseg.cohort.tables import read_tsv
+
     try:
-        text = path.read_text(encoding="utf-8")
+        table = read_tsv(Path(out) / RATINGS)
     except FileNotFoundError:
         return []
-    lines = text.splitlines()
-    if not lines:
-        return []
-    header = lines[0].split("\t")
-    rows = []
-    for line in lines[1:]:
-        cells = line.split("\t")
-        if len(cells) != len(header):
-            continue
-        row = {k: ("" if v == "n/a" else v) for k, v in zip(header, cells)}
-        if row.get("scan") and row.get("rater"):
-            rows.append({c: row.get(c, "") for c in COLUMNS})
-    return rows
+    rows = [{c: "" if r.get(c, "n/a") == "n/a" else r[c] for c in COLUMNS} for r in table]
+    return [r for r in rows if r["scan"] and r["rater"]]
 
 
 def latest(ratings: list[dict]) -> dict[str, list[dict]]:

@@ -33,12 +33,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from volseg.cohort.tables import SUMMARY, read_tsv
+from volseg.io.derivatives import sidecar_path
 from volseg.review import ratings as R
 
 log = logging.getLogger("volseg")
 
 STATIC = Path(__file__).resolve().parent / "static"
-SUMMARY = "volseg_summary.tsv"
 MAX_BODY = 64 * 1024
 LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1", "[::1]"}
 _STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
@@ -51,15 +52,6 @@ class ReviewError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-
-
-def read_tsv(path: Path) -> list[dict]:
-    """A BIDS-style TSV as rows of text (``n/a`` kept as written)."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if not lines:
-        return []
-    header = lines[0].split("\t")
-    return [dict(zip(header, line.split("\t"))) for line in lines[1:] if line.strip()]
 
 
 class ReviewApp:
@@ -118,8 +110,7 @@ class ReviewApp:
         anomaly = {}
         amap = (rec.get("outputs") or {}).get("anomaly_map")
         if amap:
-            side = self.out / (str(amap)[: -len(".nii.gz")] + ".json" if str(amap).endswith(".nii.gz")
-                               else str(Path(amap).with_suffix(".json")))
+            side = sidecar_path(self.out / amap)
             try:
                 a = json.loads(side.read_text()).get("Anomaly", {})
                 anomaly = {"voxel_threshold": a.get("VoxelThreshold"), "scan_threshold": a.get("ScanThreshold")}
@@ -127,7 +118,7 @@ class ReviewApp:
                 pass
             if "anomaly_map" in outputs:
                 anomaly["peak_mm"] = map_peak(self.out / amap)
-        ratings = [r for r in R.read_ratings(self.out) if r["scan"] == name]
+        ratings = self.ratings(name)
         return {"scan": name, "summary": rows[i], "outputs": outputs, "figures": figures,
                 "measures": rec.get("measures", {}), "source": rec.get("source", rows[i].get("source", "")),
                 "anomaly": anomaly, "ratings": ratings,
@@ -268,8 +259,9 @@ def make_handler(app: ReviewApp, allowed_hosts: set[str] | None):
                     if rest.endswith("/report"):
                         body = app.report(rest[: -len("/report")]).encode()
                         return self._send(HTTPStatus.OK, body, "text/html; charset=utf-8")
-                    app.scan(rest)  # 404 for an unknown scan
-                    return self._static("scan.html")
+                    if rest not in app.scan_names():
+                        raise ReviewError(HTTPStatus.NOT_FOUND, f"no scan '{rest}' in this run")
+                    return self._static("scan.html")  # its script asks /api/scans/<scan> for the rest
                 if path == "/api/scans":
                     return self._json(HTTPStatus.OK, app.scans())
                 if path.startswith("/api/scans/"):
@@ -354,4 +346,4 @@ def url_of(server, app) -> str:
     return f"http://{shown}:{port}/?token={app.token}"
 
 
-__all__ = ["ReviewApp", "ReviewError", "make_server", "url_of", "rating_status", "read_tsv", "map_peak"]
+__all__ = ["ReviewApp", "ReviewError", "make_server", "url_of", "rating_status", "map_peak"]
