@@ -146,6 +146,9 @@ def test_api_lists_every_scan_and_serves_its_files(served, run_dir):
     scans = json.loads(body)["scans"]
     assert sorted(s["scan"] for s in scans) == ["sub-broken", "sub-v1", "sub-v2"]
     assert all(s["rating_status"] == "unrated" for s in scans)
+    # the self-QC columns of volseg_summary.tsv: the network's measures for finished scans
+    done = [s for s in scans if s["status"] == "ok"]
+    assert done and all(0 < float(s["qc_tta_dice"]) <= 1 and "qc_reasons" in s for s in done)
     status, body = _req(server, "GET", "/api/scans/sub-v1")
     detail = json.loads(body)
     assert status == 200 and set(detail["outputs"]) >= {"preproc", "mask", "anomaly_map"}
