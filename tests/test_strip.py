@@ -262,3 +262,53 @@ def test_to_native_above_a_threshold_gives_the_same_mask(tiny_head):
         part = to_native(prob, prep, above=thr)
         assert np.array_equal(part > thr, full > thr)
         assert (full > thr).sum() > 100
+
+
+def test_synthetic_pool_contrasts_are_fixed_by_seed_and_weighted(tmp_path):
+    from collections import Counter
+
+    from volseg.strip.data import synth_contrast
+
+    cons, w = ("t1", "t2", "flair"), (0.5, 0.3, 0.2)
+    draws = [synth_contrast(s, cons, w) for s in range(2000)]
+    assert draws == [synth_contrast(s, cons, w) for s in range(2000)]
+    share = Counter(draws)
+    assert abs(share["t1"] / 2000 - 0.5) < 0.04 and abs(share["flair"] / 2000 - 0.2) < 0.04
+    assert {synth_contrast(s) for s in range(50)} == {"t1"}
+    assert {synth_contrast(s, cons, (0, 1, 0)) for s in range(50)} == {"t2"}
+    with pytest.raises(ValueError, match="'t3' is not one of"):
+        synth_contrast(1, ("t1", "t3"))
+    with pytest.raises(ValueError, match="one per contrast"):
+        synth_contrast(1, cons, (1.0, 1.0))
+
+
+def test_fine_tuning_from_init_changes_weights_and_keeps_the_architecture(tmp_path, tiny_head):
+    import torch
+
+    from volseg.nets import build_unet
+    from volseg.strip.train import train
+
+    torch.manual_seed(3)
+    write_model(build_unet(TINY_NET), TINY_NET, tmp_path / "start")
+    start, _ = load_model(tmp_path / "start")
+    cfg = _tiny_cfg(tmp_path, tiny_head, steps=5)
+    train(cfg, progress=False, init=tmp_path / "start")
+    tuned, info = load_model(tmp_path / "run" / "final")
+    assert {k: tuple(v) if isinstance(v, list) else v for k, v in info["net"].items()} == dataclasses.asdict(TINY_NET)
+    assert info["init"]["model_dir"] == str(tmp_path / "start")
+    before, after = start.state_dict(), tuned.state_dict()
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) > len(before) // 2
+    # it started from the init's weights: closer to them than a fresh network is
+    fresh = build_unet(TINY_NET).state_dict()
+    def dist(a):
+        return sum(float((a[k] - after[k]).float().norm()) for k in after)
+
+    assert dist(before) < dist(fresh)
+    # another architecture is refused, naming the folder
+    other = NetConfig(channels=(4, 8), strides=(2,), num_res_units=1)
+    write_model(build_unet(other), other, tmp_path / "other")
+    with pytest.raises(WeightsError, match="differs from the config"):
+        train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(tmp_path / "x"))),
+              progress=False, init=tmp_path / "other")

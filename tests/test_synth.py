@@ -147,3 +147,64 @@ def test_generate_cohort_writes_subjects_and_table(tmp_path):
     assert len(rows) == 3 and int(first["lesion_count"]) >= 1
     with pytest.raises(ValueError, match="at least 1"):
         generate_cohort(tmp_path, 0)
+
+
+# --- contrasts painted from the label map (issue 15: T2/PD/FLAIR-like heads for skull stripping)
+
+@pytest.fixture(scope="module")
+def contrast_heads() -> dict[str, SynthSubject]:
+    return {c: synth_head(31, voxel_size=2.0, contrast=c) for c in ("t1", "t2", "pd", "flair", "any")}
+
+
+def test_contrast_heads_are_deterministic_and_share_anatomy_and_grid(contrast_heads):
+    again = synth_head(31, voxel_size=2.0, contrast="t2")
+    assert np.array_equal(again.image, contrast_heads["t2"].image)
+    assert again.params == contrast_heads["t2"].params
+    t1 = contrast_heads["t1"]
+    for c, subj in contrast_heads.items():
+        # the label (brain mask) and the image share one grid, and the anatomy, pose and
+        # acquisition are those of the seed in every contrast
+        assert subj.image.shape == t1.image.shape == subj.brain_mask.shape
+        assert np.array_equal(subj.affine, t1.affine)
+        assert np.array_equal(subj.brain_mask, t1.brain_mask), c
+        assert subj.params["contrast"] == c
+        assert subj.params["anatomy"]["contrast"]["sequence"] == c
+        assert subj.params["anatomy"]["layers"] == t1.params["anatomy"]["layers"]
+        assert np.isfinite(subj.image).all() and subj.image.max() > 0
+
+
+def test_t1_contrast_is_the_default_and_unchanged():
+    assert np.array_equal(synth_head(31, voxel_size=3.0).image,
+                          synth_head(31, voxel_size=3.0, contrast="t1").image)
+
+
+def test_contrast_actually_changes_tissue_order(contrast_heads):
+    brain = ndi.binary_erosion(contrast_heads["t1"].brain_mask.astype(bool), iterations=2)
+
+    def detail(c):  # log image minus its smooth part: the shared bias field cancels
+        log_im = np.log(np.maximum(contrast_heads[c].image, 1e-3))
+        return (log_im - ndi.gaussian_filter(log_im, 4.0))[brain]
+
+    def corr(a, b):
+        return float(np.corrcoef(detail(a), detail(b))[0, 1])
+
+    # same anatomy, same bias and noise draws: T2 inverts T1's CSF < GM < WM order inside the
+    # brain (anti-correlated detail); FLAIR keeps CSF dark like T1 (correlated)
+    assert corr("t1", "t2") < 0.0
+    assert corr("t1", "flair") > 0.4
+    assert corr("t1", "t2") < corr("t1", "flair") - 0.4
+    tis = {c: s.params["anatomy"]["tissues"] for c, s in contrast_heads.items()}
+    assert tis["t1"]["csf"] < tis["t1"]["gm"] < tis["t1"]["wm"]
+    assert tis["t2"]["csf"] > tis["t2"]["gm"] > tis["t2"]["wm"]
+    assert tis["flair"]["csf"] < tis["flair"]["wm"] < tis["flair"]["gm"]
+    assert tis["pd"]["gm"] > tis["pd"]["wm"]
+    # "any": independent random levels, so the order of tissues differs between draws
+    keys = ("csf", "gm", "wm", "fat", "muscle")
+    levels = [synth_head(s, voxel_size=4.0, contrast="any").params["anatomy"]["tissues"] for s in (1, 2, 3, 4)]
+    orders = {tuple(np.argsort([t[k] for k in keys])) for t in levels}
+    assert len(orders) > 1
+
+
+def test_unknown_contrast_is_refused():
+    with pytest.raises(ValueError, match="contrast 'T2w' is not one of"):
+        synth_head(1, contrast="T2w")

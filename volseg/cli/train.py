@@ -21,15 +21,20 @@ def cmd_train(args) -> int:
         return _train_ae(args)
     if args.config is None:
         raise UsageError("'train strip' needs -c CONFIG (e.g. configs/strip.yaml)")
-    if args.init or args.healthy:
-        raise UsageError("--init and --healthy are for 'volseg train ae'")
+    if args.healthy:
+        raise UsageError("--healthy is for 'volseg train ae'")
     from volseg.strip.config import load_strip_config
     from volseg.strip.train import train
 
     cfg = load_strip_config(args.config)
     if args.from_ratings is not None:
         cfg = _add_rated_pairs(cfg, args.from_ratings)
-    summary = train(cfg, resume=args.resume, max_steps=args.steps)
+    init = None
+    if args.init is not None:
+        from volseg.nets.folder import PACKAGE_MODELS
+
+        init = PACKAGE_MODELS / "strip" if args.init == "shipped" else Path(args.init)
+    summary = train(cfg, resume=args.resume, max_steps=args.steps, init=init)
     if _rank0():
         print(f"best validation Dice {summary['best_val_dice']:.4f} after {summary['steps']} steps; "
               f"outputs in {summary['out_dir']}")
@@ -119,9 +124,10 @@ def register(sub) -> None:
                         "+ brain mask, a CSV written to the run's out_dir) to data.real; ae (with --init): "
                         "fine-tune on the scans every rater calls a good mask with no finding, with or "
                         "without --healthy")
+    p.add_argument("--init", default=None, metavar="MODEL",
+                   help="model folder whose weights start the training (same network), or 'shipped' for "
+                        "volseg's own model of that kind (strip or ae)")
     g = p.add_argument_group("fine-tuning the anomaly model on a site's healthy controls (ae only)")
-    g.add_argument("--init", default=None, metavar="MODEL",
-                   help="model folder to start from, or 'shipped' for volseg's own anomaly model")
     g.add_argument("--healthy", nargs="+", default=None, metavar="INPUT",
                    help="healthy controls: brain-only images (or heads with --heads), folders, list files or a "
                         "BIDS dataset")

@@ -15,6 +15,10 @@ class DataConfig:
     synth_count: int = 200  # synthetic heads in the training pool
     synth_seed: int = 1000
     synth_ratio: float = 0.5  # share of training samples drawn from the synthetic pool
+    # contrasts of the synthetic heads (volseg.synth CONTRASTS: t1, t2, pd, flair, any) and their
+    # shares; each head's contrast is a weighted draw fixed by its seed. Empty weights: equal.
+    synth_contrasts: tuple[str, ...] = ("t1",)
+    synth_contrast_weights: tuple[float, ...] = ()
     cache_dir: str = "runs/strip/cache"
 
 

@@ -113,12 +113,32 @@ def cached_real(pairs, cfg: Config, cache_dir: Path) -> list[Path]:
     return out
 
 
-def synth_sample(seed: int, cfg: Config):
+def synth_contrast(seed: int, contrasts=("t1",), weights=()) -> str:
+    """The contrast of the synthetic head ``seed`` in a pool of ``contrasts`` with ``weights``
+    (empty: equal): a draw fixed by the seed, so a head keeps its contrast in any pool size."""
+    from volseg.synth.anatomy import CONTRASTS
+
+    contrasts = tuple(contrasts)
+    bad = [c for c in contrasts if c not in CONTRASTS]
+    if not contrasts or bad:
+        raise ValueError(f"data.synth_contrasts: {bad[0] if bad else 'empty'!r} is not one of "
+                         f"{', '.join(CONTRASTS)}")
+    w = np.ones(len(contrasts)) if not weights else np.asarray(weights, dtype=float)
+    if w.shape != (len(contrasts),) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"data.synth_contrast_weights {list(weights)} must be {len(contrasts)} "
+                         "non-negative numbers, one per contrast, not all zero")
+    if len(contrasts) == 1:
+        return contrasts[0]
+    u = np.random.default_rng([int(seed), 0x5C0]).random()
+    return contrasts[min(int(np.searchsorted(np.cumsum(w / w.sum()), u, side="right")), len(w) - 1)]
+
+
+def synth_sample(seed: int, cfg: Config, contrast: str = "t1"):
     """One synthetic head on the grid (no N4: its bias field is left as augmentation)."""
     from volseg.io import ImageMeta
     from volseg.synth import synth_head
 
-    subj = synth_head(seed)
+    subj = synth_head(seed, contrast=contrast)
     zooms = tuple(float(z) for z in np.linalg.norm(subj.affine[:3, :3], axis=0))
     meta = ImageMeta(path=f"<synth {seed}>", affine=subj.affine, shape=subj.image.shape, zooms=zooms)
     img, m, _ = grid_pair(subj.image.astype(np.float32), subj.brain_mask.astype(np.float32), meta, cfg,
@@ -126,20 +146,27 @@ def synth_sample(seed: int, cfg: Config):
     return img, m
 
 
-def cached_synth(count: int, seed: int, cfg: Config, cache_dir: Path, workers: int = 1) -> list[Path]:
-    """A pool of ``count`` synthetic heads on the grid, generated once and cached."""
+def cached_synth(count: int, seed: int, cfg: Config, cache_dir: Path, workers: int = 1,
+                 contrasts=("t1",), weights=()) -> list[Path]:
+    """A pool of ``count`` synthetic heads on the grid, generated once and cached; each head's
+    contrast is :func:`synth_contrast` of its seed."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     todo, out = [], []
     for i in range(count):
-        # keyed by what shapes a synthetic sample (no N4 is applied to them)
-        dest = cache_dir / f"synth-{seed + i:06d}-{_key(seed + i, cfg.grid, cfg.intensity)}.npz"
+        contrast = synth_contrast(seed + i, contrasts, weights)
+        # keyed by what shapes a synthetic sample (no N4 is applied to them); T1 heads keep
+        # the names they had before there were other contrasts
+        tag = "" if contrast == "t1" else f"{contrast}-"
+        key = _key(seed + i, cfg.grid, cfg.intensity) if contrast == "t1" \
+            else _key(seed + i, cfg.grid, cfg.intensity, contrast)
+        dest = cache_dir / f"synth-{tag}{seed + i:06d}-{key}.npz"
         out.append(dest)
         if not dest.exists():
-            todo.append((seed + i, dest))
+            todo.append((seed + i, dest, contrast))
     if todo:
         from tqdm import tqdm
 
-        args = [(s, d, cfg) for s, d in todo]
+        args = [(s, d, cfg, c) for s, d, c in todo]
         if workers > 1:
             import multiprocessing as mp
 
@@ -155,9 +182,9 @@ def _make_synth(args):
     import torch
 
     torch.set_num_threads(1)
-    seed, dest, cfg = args
-    img, m = synth_sample(seed, cfg)
-    _save(dest, img, m, source=f"synth:{seed}")
+    seed, dest, cfg, contrast = args
+    img, m = synth_sample(seed, cfg, contrast)
+    _save(dest, img, m, source=f"synth:{seed}" if contrast == "t1" else f"synth:{contrast}:{seed}")
     return dest
 
 

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from volseg.config import expand_path
 from volseg.nets import build_unet
+from volseg.nets.unet import NetConfig
 from volseg.strip.augment import seeded, train_augmentation
 from volseg.strip.config import StripConfig
 from volseg.strip.data import cached_real, cached_synth, find_pairs, load_cached
@@ -103,10 +104,11 @@ class StripHooks(TrainHooks):
     curve = {"losses": {"train_loss": "train loss"}, "metric_label": "val Dice (grid)",
              "loss_label": "Dice+focal loss", "ylim": (0.5, 1.0)}
 
-    def __init__(self, cfg: StripConfig):
+    def __init__(self, cfg: StripConfig, init: Path | None = None):
         from monai.losses import DiceFocalLoss
 
         super().__init__(cfg)
+        self.init, self.init_ref = init, None
         self.loss_fn = DiceFocalLoss(sigmoid=True, lambda_dice=cfg.train.lambda_dice,
                                      lambda_focal=cfg.train.lambda_focal)
 
@@ -121,10 +123,19 @@ class StripHooks(TrainHooks):
         self.real = cached_real(pairs, cfg.preprocess, cache)
         self.val = cached_real(val_pairs, cfg.preprocess, cache)
         self.synth = cached_synth(cfg.data.synth_count, cfg.data.synth_seed, cfg.preprocess, cache,
-                                  workers=max(1, cfg.train.threads)) if cfg.data.synth_count else []
+                                  workers=max(1, cfg.train.threads), contrasts=cfg.data.synth_contrasts,
+                                  weights=cfg.data.synth_contrast_weights) if cfg.data.synth_count else []
 
     def build_net(self):
-        return build_unet(self.cfg.net)
+        net = build_unet(self.cfg.net)
+        if self.init is not None:
+            info = init_weights(net, Path(self.init), self.cfg)
+            self.init_ref = {"model_dir": str(self.init), "sha256": info.get("sha256")}
+            log.info("weights from %s (sha256 %s...)", self.init, str(info.get("sha256"))[:12])
+        return net
+
+    def export_extra(self) -> dict:
+        return {"init": self.init_ref} if self.init_ref else {}
 
     def dataset(self, length: int, start: int):
         return MixedGridDataset(self.real, self.synth, self.cfg, length=length, start=start)
@@ -138,16 +149,33 @@ class StripHooks(TrainHooks):
         return validate(net, self.val, device, self.cfg.preprocess.grid.spacing_mm)
 
 
+def init_weights(net, init: Path, cfg: StripConfig) -> dict:
+    """Load a strip model folder's checked weights into ``net``; returns its info. The folder's
+    network settings must equal ``cfg.net`` (fine-tuning keeps the architecture)."""
+    from volseg.config import config_from_dict
+    from volseg.nets.folder import WeightsError, load_model
+
+    src, info = load_model(init, kind="strip", device="cpu")
+    theirs = config_from_dict(info.get("net") or {}, NetConfig, source=str(Path(init) / "model.json"))
+    if theirs != cfg.net:
+        raise WeightsError(f"{init}: its network ({theirs}) differs from the config's ({cfg.net}); "
+                           "fine-tuning keeps the architecture")
+    net.load_state_dict(src.state_dict())
+    return info
+
+
 def train(cfg: StripConfig, resume: Path | None = None,
-          max_steps: int | None = None, progress: bool = True, stop_after: int | None = None) -> dict:
+          max_steps: int | None = None, progress: bool = True, stop_after: int | None = None,
+          init: Path | None = None) -> dict:
     """Train; returns a summary dict (best validation Dice, steps, wall time, paths).
 
     ``resume`` continues a checkpoint of the same schedule (same total steps); ``stop_after``
-    ends early at that step, as an interruption would (for tests). Under torchrun every rank
-    calls this; rank 0 writes the outputs (see the module docstring).
+    ends early at that step, as an interruption would (for tests). ``init``: a strip model
+    folder whose weights start the training (fine-tuning; not read when resuming). Under
+    torchrun every rank calls this; rank 0 writes the outputs (see the module docstring).
     """
-    return train_loop(cfg, StripHooks(cfg), resume=resume, max_steps=max_steps, progress=progress,
-                      stop_after=stop_after)
+    return train_loop(cfg, StripHooks(cfg, init=None if resume else init), resume=resume,
+                      max_steps=max_steps, progress=progress, stop_after=stop_after)
 
 
-__all__ = ["train", "validate", "mask_metrics", "MixedGridDataset", "StripHooks"]
+__all__ = ["train", "init_weights", "validate", "mask_metrics", "MixedGridDataset", "StripHooks"]

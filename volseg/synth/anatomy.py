@@ -42,27 +42,84 @@ class HeadModel:
     params: dict
 
 
-def draw_tissues(rng: np.random.Generator) -> dict[str, float]:
-    """Random T1-weighted tissue intensities, relative to white matter = 1."""
-    t = {
-        "wm": 1.0, "gm": uniform(rng, 0.45, 0.8), "csf": uniform(rng, 0.05, 0.35),
-        "fat": uniform(rng, 0.8, 1.5), "marrow": uniform(rng, 0.35, 1.0), "bone": uniform(rng, 0.0, 0.12),
-        "muscle": uniform(rng, 0.3, 0.6), "skin": uniform(rng, 0.45, 0.85), "galea": uniform(rng, 0.2, 0.45),
-        "sclera": uniform(rng, 0.3, 0.6), "lens": uniform(rng, 0.4, 0.8), "air": uniform(rng, 0.0, 0.04),
-        "disc": uniform(rng, 0.25, 0.5), "cord": uniform(rng, 0.75, 0.95), "cartilage": uniform(rng, 0.3, 0.6),
-        "vessel": uniform(rng, 0.0, 0.1) if rng.random() < 0.7 else uniform(rng, 0.9, 1.4),
-    }
-    t["csf_out"] = t["csf"] * uniform(rng, 0.8, 1.3)
-    t["vitreous"] = t["csf"] * uniform(rng, 0.6, 1.2)
-    t["tongue"] = t["muscle"] * uniform(rng, 0.9, 1.3)
+# Tissue intensity ranges per contrast, relative to white matter = 1 (each drawn uniformly).
+# "t1" is the default and keeps the draws of earlier versions bit for bit; "t2", "pd" and
+# "flair" follow the usual ordering of those sequences (T2: CSF brightest, fat bright on fast
+# spin echo, flow voids dark; FLAIR: CSF suppressed, grey matter above white; PD: little
+# contrast, CSF slightly above grey matter); "any" gives every tissue an independent random
+# level, as SynthStrip and SynthSeg do, so that no ordering of tissues can be relied on.
+# The vessel draw is two-sided in T1 (flow void or enhancement): (lo, hi, p_low, lo2, hi2).
+CONTRASTS = ("t1", "t2", "pd", "flair", "any")
+_RANGES = {
+    "t1": {
+        "gm": (0.45, 0.8), "csf": (0.05, 0.35), "fat": (0.8, 1.5), "marrow": (0.35, 1.0),
+        "bone": (0.0, 0.12), "muscle": (0.3, 0.6), "skin": (0.45, 0.85), "galea": (0.2, 0.45),
+        "sclera": (0.3, 0.6), "lens": (0.4, 0.8), "air": (0.0, 0.04), "disc": (0.25, 0.5),
+        "cord": (0.75, 0.95), "cartilage": (0.3, 0.6), "vessel": (0.0, 0.1, 0.7, 0.9, 1.4),
+        "csf_out": (0.8, 1.3), "vitreous": (0.6, 1.2), "tongue": (0.9, 1.3),
+    },
+    "t2": {
+        "gm": (1.2, 1.7), "csf": (2.0, 3.5), "fat": (0.9, 1.9), "marrow": (0.7, 1.6),
+        "bone": (0.0, 0.1), "muscle": (0.35, 0.75), "skin": (0.7, 1.4), "galea": (0.3, 0.6),
+        "sclera": (0.3, 0.6), "lens": (0.3, 0.7), "air": (0.0, 0.04), "disc": (1.0, 2.2),
+        "cord": (0.9, 1.3), "cartilage": (0.6, 1.1), "vessel": (0.0, 0.1, 0.9, 0.0, 0.2),
+        "csf_out": (0.85, 1.15), "vitreous": (0.9, 1.2), "tongue": (0.9, 1.4),
+    },
+    "pd": {
+        "gm": (1.1, 1.35), "csf": (1.1, 1.7), "fat": (0.9, 1.5), "marrow": (0.8, 1.3),
+        "bone": (0.0, 0.12), "muscle": (0.5, 0.85), "skin": (0.8, 1.3), "galea": (0.4, 0.7),
+        "sclera": (0.4, 0.7), "lens": (0.4, 0.8), "air": (0.0, 0.04), "disc": (0.9, 1.5),
+        "cord": (0.9, 1.1), "cartilage": (0.6, 1.0), "vessel": (0.0, 0.15, 0.9, 0.0, 0.3),
+        "csf_out": (0.9, 1.1), "vitreous": (0.9, 1.1), "tongue": (0.9, 1.2),
+    },
+    "flair": {
+        "gm": (1.1, 1.45), "csf": (0.05, 0.35), "fat": (0.8, 1.7), "marrow": (0.6, 1.4),
+        "bone": (0.0, 0.1), "muscle": (0.3, 0.65), "skin": (0.6, 1.2), "galea": (0.3, 0.6),
+        "sclera": (0.3, 0.6), "lens": (0.3, 0.7), "air": (0.0, 0.04), "disc": (0.7, 1.5),
+        "cord": (0.85, 1.2), "cartilage": (0.5, 0.9), "vessel": (0.0, 0.1, 0.9, 0.0, 0.2),
+        "csf_out": (0.8, 1.5), "vitreous": (0.6, 1.3), "tongue": (0.9, 1.3),
+    },
+}
+_DERIVED = {"csf_out": "csf", "vitreous": "csf", "tongue": "muscle"}  # drawn as factors of these
+
+
+def draw_tissues(rng: np.random.Generator, contrast: str = "t1") -> dict[str, float]:
+    """Random tissue intensities of one contrast (:data:`CONTRASTS`), relative to white matter = 1.
+
+    Every contrast takes the same number of draws from ``rng`` in the same order, so the rest of
+    the anatomy (drawn from the same stream afterwards) does not depend on the contrast.
+    """
+    if contrast not in CONTRASTS:
+        raise ValueError(f"contrast {contrast!r} is not one of {', '.join(CONTRASTS)}")
+    if contrast == "any":
+        t = {"wm": 1.0}
+        for key in _RANGES["t1"]:
+            if key == "vessel":
+                rng.random()
+            # independent levels (no factors of other tissues); air and bone stay dark
+            t[key] = uniform(rng, 0.0, 0.3) if key in ("air", "bone") else uniform(rng, 0.0, 2.0)
+        return t
+    ranges = _RANGES[contrast]
+    t = {"wm": 1.0}
+    for key, r in ranges.items():
+        if key == "vessel":
+            lo, hi, p_low, lo2, hi2 = r
+            t[key] = uniform(rng, lo, hi) if rng.random() < p_low else uniform(rng, lo2, hi2)
+        elif key in _DERIVED:
+            t[key] = t[_DERIVED[key]] * uniform(rng, *r)
+        else:
+            t[key] = uniform(rng, *r)
     return t
 
 
-def _brain(atlas: Atlas, rng: np.random.Generator, tis: dict) -> tuple[np.ndarray, dict]:
-    """Template brain with a random contrast: a gamma curve mixed with a GM/WM/CSF relabelling
-    (CSF is what the brain mask holds beyond GM and WM)."""
+def _brain(atlas: Atlas, rng: np.random.Generator, tis: dict, t1: bool = True) -> tuple[np.ndarray, dict]:
+    """Template brain with a random contrast: a gamma curve of the T1 template mixed with a
+    GM/WM/CSF relabelling (CSF is what the brain mask holds beyond GM and WM). Other contrasts
+    than T1 (``t1=False``) are the relabelling alone: the label map with the drawn levels."""
     gamma = uniform(rng, 0.7, 1.5)
-    alpha = uniform(rng, 0.0, 1.0)
+    alpha = uniform(rng, 0.0, 1.0)  # drawn for every contrast: the stream stays aligned
+    if not t1:
+        alpha = 0.0
     relabel = (tis["csf"] * atlas.brain_box + (tis["gm"] - tis["csf"]) * atlas.gm
                + (tis["wm"] - tis["csf"]) * atlas.wm)
     brain = alpha * np.power(atlas.t1, gamma, dtype=np.float32) + (1.0 - alpha) * relabel
@@ -150,10 +207,11 @@ def _lesions(atlas: Atlas, rng: np.random.Generator, brain: np.ndarray, scale: f
 
 
 def build_head(atlas: Atlas, rng: np.random.Generator, scale: float, deface_rng=None,
-               lesion_rng=None) -> HeadModel:
-    """Paint a head on the model grid. ``scale`` is the subject's size relative to MNI."""
-    tis = draw_tissues(rng)
-    brain, contrast = _brain(atlas, rng, tis)
+               lesion_rng=None, contrast: str = "t1") -> HeadModel:
+    """Paint a head on the model grid. ``scale`` is the subject's size relative to MNI;
+    ``contrast`` one of :data:`CONTRASTS` (the anatomy does not depend on it)."""
+    tis = draw_tissues(rng, contrast)
+    brain, brain_contrast = _brain(atlas, rng, tis, t1=contrast == "t1")
     head, q, shell = _layers(atlas, rng, tis, scale)
     painter = Painter(atlas, head, q, shell, tis)
     eyes = place_eyes(atlas, rng, scale, shell)
@@ -166,7 +224,7 @@ def build_head(atlas: Atlas, rng: np.random.Generator, scale: float, deface_rng=
     if lesion_rng is not None:
         lesion_box, found = _lesions(atlas, lesion_rng, brain, scale)
     head[atlas.box] = np.where(atlas.brain_box, brain, head[atlas.box])
-    params = {"tissues": tis, "contrast": contrast,
+    params = {"tissues": tis, "contrast": dict(brain_contrast, sequence=contrast),
               "layers": {k: v for k, v in shell.items() if k.endswith("mm") or k.endswith("std")},
               "eyes": eyes, "ears": ears, "neck": neck, "face": face, "deface": deface,
               "lesions": found}

@@ -1,4 +1,4 @@
-"""Synthetic T1-weighted heads with brain masks: the public API of :mod:`volseg.synth`.
+"""Synthetic heads (T1-weighted by default) with brain masks: the public API of :mod:`volseg.synth`.
 
 A subject is painted once on a 1 mm model grid in MNI space (:mod:`volseg.synth.anatomy`),
 then "acquired": every output voxel (or, for thick slices, several points across the slice)
@@ -247,12 +247,16 @@ def _sample_labels(labels: np.ndarray, grid: np.ndarray, window, shape, axis: in
 
 
 def synth_head(seed: int, lesions: bool = False, *, voxel_size=None, axcodes=None,
-               oblique=None) -> SynthSubject:
-    """A random synthetic T1 head (deterministic by ``seed``) with its brain mask.
+               oblique=None, contrast: str = "t1") -> SynthSubject:
+    """A random synthetic head (deterministic by ``seed``) with its brain mask.
 
     ``voxel_size`` (one value or three, mm), ``axcodes`` (e.g. ``'RAS'``) and ``oblique``
     (True/False) override the random acquisition draws; the anatomy does not change with
     them. With ``lesions=True`` 1-4 lesions are added and returned in ``lesion_mask``.
+    ``contrast`` paints the label map (brain tissues from the MNI152 maps, head layers, face,
+    neck) with the tissue levels of ``'t1'`` (default), ``'t2'``, ``'pd'``, ``'flair'`` or
+    ``'any'`` (independent random levels per tissue); the same seed gives the same anatomy,
+    pose and acquisition in every contrast.
 
     Examples::
 
@@ -262,7 +266,7 @@ def synth_head(seed: int, lesions: bool = False, *, voxel_size=None, axcodes=Non
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     with _one_blas_thread():
-        return _synthesise(int(seed), lesions, voxel_size, axcodes, oblique)
+        return _synthesise(int(seed), lesions, voxel_size, axcodes, oblique, contrast)
 
 
 @contextlib.contextmanager
@@ -282,10 +286,12 @@ def _one_blas_thread():
         yield
 
 
-def _synthesise(seed: int, lesions: bool, voxel_size, axcodes, oblique) -> SynthSubject:
-    from volseg.synth.anatomy import build_head
+def _synthesise(seed: int, lesions: bool, voxel_size, axcodes, oblique, contrast: str) -> SynthSubject:
+    from volseg.synth.anatomy import CONTRASTS, build_head
     from volseg.synth.atlas import bspline_weights, field_gain, load_atlas, tensor_eval
 
+    if contrast not in CONTRASTS:
+        raise ValueError(f"contrast {contrast!r} is not one of {', '.join(CONTRASTS)}")
     rngs = dict(zip(STREAMS, (np.random.default_rng(s)
                               for s in np.random.SeedSequence(seed).spawn(len(STREAMS)))))
     atlas = load_atlas()
@@ -293,7 +299,7 @@ def _synthesise(seed: int, lesions: bool, voxel_size, axcodes, oblique) -> Synth
     acq = draw_acquisition(rngs["acquisition"], voxel_size, axcodes, oblique)
     model = build_head(atlas, rngs["anatomy"], pose["scale"],
                        deface_rng=rngs["deface"] if acq["fov_mode"] == "deface" else None,
-                       lesion_rng=rngs["lesions"] if lesions else None)
+                       lesion_rng=rngs["lesions"] if lesions else None, contrast=contrast)
 
     pose_aff = _pose_affine(pose)
     shape, affine = _output_grid(atlas, pose_aff, acq)
@@ -333,7 +339,7 @@ def _synthesise(seed: int, lesions: bool, voxel_size, axcodes, oblique) -> Synth
 
     zooms = acq["zooms"]
     params = {
-        "seed": int(seed), "lesions": bool(lesions), "shape": list(shape),
+        "seed": int(seed), "lesions": bool(lesions), "contrast": contrast, "shape": list(shape),
         "voxel_size": [round(float(z), 4) for z in zooms], "orientation": acq["axcodes"],
         "oblique": acq["oblique_rotvec"] is not None, "slice_axis": axis,
         "slice_thickness": acq["slice_thickness"], "points_per_slice": k,
