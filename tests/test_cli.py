@@ -146,3 +146,23 @@ def test_synth_command(run_cli, tmp_path):
     assert img.ndim == 3 and mask.get_data_dtype() == np.uint8
     assert np.allclose(img.affine, mask.affine)
     assert (tmp_path / "s" / "sub-synth001_label-lesion_mask.nii.gz").exists()
+
+
+def test_synth_command_writes_other_contrasts_with_their_bids_suffix(run_cli, tmp_path):
+    res = run_cli("synth", "-o", tmp_path / "t2", "-n", "1", "--seed", "3", "--contrast", "t2")
+    assert res.returncode == 0, res.stderr
+    img = tmp_path / "t2" / "sub-synth001_T2w.nii.gz"
+    assert res.stdout.strip() == str(img)
+    sidecar = json.loads((tmp_path / "t2" / "sub-synth001_T2w.json").read_text())
+    assert sidecar["contrast"] == "t2"
+    t1 = run_cli("synth", "-o", tmp_path / "t1", "-n", "1", "--seed", "3")
+    assert t1.returncode == 0, t1.stderr
+    # same subject (same mask and grid), other contrast
+    m2 = nib.load(str(tmp_path / "t2" / "sub-synth001_desc-brain_mask.nii.gz"))
+    m1 = nib.load(str(tmp_path / "t1" / "sub-synth001_desc-brain_mask.nii.gz"))
+    assert np.array_equal(np.asarray(m1.dataobj), np.asarray(m2.dataobj))
+    assert np.allclose(m1.affine, m2.affine)
+    assert not np.allclose(nib.load(str(img)).get_fdata(),
+                           nib.load(str(tmp_path / "t1" / "sub-synth001_T1w.nii.gz")).get_fdata())
+    bad = run_cli("synth", "-o", tmp_path / "x", "--contrast", "t3")
+    assert bad.returncode != 0 and "invalid choice" in bad.stderr

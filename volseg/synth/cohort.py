@@ -12,21 +12,30 @@ from volseg.synth.heads import SynthSubject, synth_head
 log = logging.getLogger("volseg")
 
 
+# BIDS suffix of each synthetic contrast ("any" has none: it is for training only)
+SUFFIX = {"t1": "T1w", "t2": "T2w", "pd": "PDw", "flair": "FLAIR"}
+
+
 def write_subject(subject: SynthSubject, out_dir, name: str) -> dict[str, Path | None]:
-    """Write ``<name>_T1w.nii.gz`` (float32), ``<name>_desc-brain_mask.nii.gz`` (uint8), the
-    lesion mask ``<name>_label-lesion_mask.nii.gz`` when there is one, and the draws as a
-    ``<name>_T1w.json`` sidecar. Returns the paths by ``'image'``, ``'brain_mask'``,
-    ``'lesion_mask'`` (None without lesions) and ``'params'``.
+    """Write ``<name>_T1w.nii.gz`` (float32; ``_T2w``, ``_PDw``, ``_FLAIR`` for the subject's
+    other contrasts), ``<name>_desc-brain_mask.nii.gz`` (uint8), the lesion mask
+    ``<name>_label-lesion_mask.nii.gz`` when there is one, and the draws as a JSON sidecar
+    beside the image. Returns the paths by ``'image'``, ``'brain_mask'``, ``'lesion_mask'``
+    (None without lesions) and ``'params'``.
     """
     from volseg.io import AtomicWriter, ImageMeta
 
     out_dir = Path(out_dir)
+    contrast = subject.params.get("contrast", "t1")
+    if contrast not in SUFFIX:
+        raise ValueError(f"contrast {contrast!r} has no BIDS suffix; write one of {', '.join(SUFFIX)}")
+    suffix = SUFFIX[contrast]
     paths = {
-        "image": out_dir / f"{name}_T1w.nii.gz",
+        "image": out_dir / f"{name}_{suffix}.nii.gz",
         "brain_mask": out_dir / f"{name}_desc-brain_mask.nii.gz",
         "lesion_mask": out_dir / f"{name}_label-lesion_mask.nii.gz"
         if subject.lesion_mask is not None else None,
-        "params": out_dir / f"{name}_T1w.json",
+        "params": out_dir / f"{name}_{suffix}.json",
     }
     zooms = tuple(float(z) for z in np.linalg.norm(subject.affine[:3, :3], axis=0))
 
@@ -50,12 +59,15 @@ def cohort_seed(seed: int, index: int) -> int:
 
 
 def generate_cohort(out_dir, n: int, lesions: bool = False,
-                    seed: int = 0) -> list[dict[str, Path | None]]:
+                    seed: int = 0, contrast: str = "t1") -> list[dict[str, Path | None]]:
     """Write ``n`` synthetic subjects ``sub-synth001``... and a ``synth_cohort.tsv`` table.
 
     Subject ``i`` (0-based) uses seed ``seed * 100003 + i``, so cohorts with different seeds
-    do not share subjects. Returns :func:`write_subject`'s paths for each subject.
+    do not share subjects; ``contrast`` (t1, t2, pd, flair) paints the same subjects with that
+    contrast. Returns :func:`write_subject`'s paths for each subject.
     """
+    if contrast not in SUFFIX:
+        raise ValueError(f"contrast {contrast!r} is not one of {', '.join(SUFFIX)}")
     from volseg.io import AtomicWriter, check_writable_dir
 
     if n < 1:
@@ -66,7 +78,7 @@ def generate_cohort(out_dir, n: int, lesions: bool = False,
     for i in range(n):
         name = f"sub-synth{i + 1:03d}"
         subj_seed = cohort_seed(seed, i)
-        subject = synth_head(subj_seed, lesions=lesions)
+        subject = synth_head(subj_seed, lesions=lesions, contrast=contrast)
         written.append(write_subject(subject, out_dir, name))
         p = subject.params
         rows.append("\t".join([
