@@ -231,3 +231,56 @@ def test_edge_stays_at_the_brain_when_bright_marrow_splits_the_dark_band():
     # and a truly eroded mask still reads as eroded
     w = Working(img, r < 35, np.eye(4), (1.0, 1.0, 1.0))
     assert edge_offset(w.img, w.mask, w.zooms, w.inside, w.outside) > 2.5
+
+
+def test_the_faster_steps_give_the_numbers_of_the_plain_ones():
+    """The shortcuts that make self-QC cheaper return what the plain computations return: holes
+    filled by labelling (scipy grows the outside in from the border), the inside distance on the
+    mask's box, the edge shells searched among nearby millimetres, the noise kernel gathered
+    through flat offsets (C and Fortran order)."""
+    from scipy import ndimage as ndi
+
+    from volseg.cohort.selfqc import (
+        IMMERKAER_MAD,
+        Working,
+        _inside_distance,
+        brain_noise_sigma,
+        edge_profile,
+    )
+    from volseg.transforms.functional import _in_plane, fill_holes
+
+    rng = np.random.default_rng(0)
+    structures = [None, ndi.generate_binary_structure(3, 2), ndi.generate_binary_structure(3, 3)]
+    structures += [_in_plane(ax) for ax in range(3)]
+    for i in range(60):
+        m = rng.random(tuple(rng.integers(1, 14, size=3))) < rng.uniform(0.2, 0.9)
+        if i % 2:
+            m = ndi.binary_dilation(m)
+        for s in structures:
+            assert np.array_equal(fill_holes(m, s), ndi.binary_fill_holes(m, structure=s))
+        assert np.array_equal(_inside_distance(m, (2.0, 1.5, 3.0)), ndi.distance_transform_edt(m, sampling=(2.0, 1.5, 3.0)))
+    m2 = rng.random((15, 11)) < 0.6
+    assert np.array_equal(fill_holes(m2), ndi.binary_fill_holes(m2))
+
+    g = np.indices((70, 64, 60), dtype=np.float32)
+    r = np.sqrt(((g[0] - 35) / 1.1) ** 2 + (g[1] - 30) ** 2 + ((g[2] - 28) * 0.9) ** 2)
+    img = (np.select([r < 20, r < 23, r < 28], [1.0, 0.3, 0.8], 0.05) + rng.normal(0, 0.05, r.shape)).astype(np.float32)
+    for zooms, mask in (((1.0, 1.0, 1.0), r < 20), ((0.9, 0.9, 2.6), r < 24), ((1.0, 1.0, 1.0), (r < 20) | (g[0] < 3))):
+        w = Working(img, mask, np.eye(4), zooms)
+        assert np.array_equal(w.inside, ndi.distance_transform_edt(w.mask, sampling=w.zooms))
+        centres, prof = edge_profile(w.img, w.mask, w.zooms, w.inside, w.outside)
+        half = float(np.mean(w.zooms)) / 2.0
+        sd = np.where(w.mask, -(w.inside - half), w.outside - half)
+        near = np.abs(sd) <= 12.0
+        d, v = sd[near], w.img[near] / max(float(np.median(w.img[w.mask])), 1e-6)
+        plain = [float(np.median(v[np.abs(d - c) <= max(1.0, half)])) if (np.abs(d - c) <= max(1.0, half)).sum() >= 20
+                 else np.nan for c in centres]
+        assert np.array_equal(prof, plain, equal_nan=True)
+        pts = w.native_index(np.argwhere(w.mask & (w.inside >= 4.0)))
+        pts = pts[np.all((pts > 0) & (pts < np.asarray(img.shape) - 1), axis=1)]
+        resp = sum(wt * img[pts[:, 0] + da, pts[:, 1] + db, pts[:, 2]].astype(np.float64)
+                   for da, db, wt in ((-1, -1, 1), (-1, 0, -2), (-1, 1, 1), (0, -1, -2), (0, 0, 4), (0, 1, -2),
+                                      (1, -1, 1), (1, 0, -2), (1, 1, 1)))
+        want = float(np.median(np.abs(resp))) / IMMERKAER_MAD  # planes across axis 2 for all three
+        assert brain_noise_sigma(img, zooms, pts) == pytest.approx(want, rel=1e-12)
+        assert brain_noise_sigma(np.asfortranarray(img), zooms, pts) == brain_noise_sigma(img, zooms, pts)

@@ -5,7 +5,7 @@ affine; optionally the strip network's working-grid probabilities) and returns i
 and, for every measure past its threshold, a named reason and a sentence for ``qc_notes``.
 :func:`volseg.cohort.qc.qc_measures` calls it for every scan of ``volseg run``. The intensity
 measures run on a copy strided to about 2 mm voxels (the 5 mm and larger effects they look for
-survive that; a 1 mm head takes about 1 s in all).
+survive that; a 1 mm head takes about 0.5 s in all, two cores shared with a training job).
 
 The thresholds were set on the good real scans of ``$VOLSEG_SHARED_DATA/wholehead`` (Colin27,
 the open_ms patients, tiny_t1, the two unlabelled heads), each stripped by volseg, and checked
@@ -266,12 +266,30 @@ class Working:
         self.img, self.mask, self.lo = small[box], sm[box], lo
         self.affine = np.asarray(affine, float) @ np.diag(list(self.steps) + [1.0])
         self.affine[:3, 3] = np.asarray(affine, float)[:3, :3] @ (lo * np.asarray(self.steps)) + np.asarray(affine, float)[:3, 3]
-        self.inside = ndi.distance_transform_edt(self.mask, sampling=self.zooms)
+        self.inside = (_inside_distance(self.mask, self.zooms, idx.min(0) - lo, idx.max(0) - lo) if idx.size
+                       else np.zeros(self.mask.shape))
         self.outside = ndi.distance_transform_edt(~self.mask, sampling=self.zooms)
 
     def native_index(self, idx: np.ndarray) -> np.ndarray:
         """Native-grid indices of working-copy voxel indices (N, 3)."""
         return (np.asarray(idx) + self.lo) * np.asarray(self.steps)
+
+
+def _inside_distance(sm: np.ndarray, szooms, first=None, last=None) -> np.ndarray:
+    """``distance_transform_edt(sm, sampling=szooms)``, the same numbers, computed only on the
+    mask's box (``first``/``last``: its first and last index per axis, found when not given)
+    plus one voxel where the array allows: the background voxel nearest to a mask voxel always
+    lies in it (one further out, moved onto the border of that box, is still background and
+    only comes nearer). Saves a third of the working copy's distance computation."""
+    out = np.zeros(sm.shape, np.float64)
+    if first is None or last is None:
+        idx = np.argwhere(sm)
+        if idx.size == 0:
+            return out
+        first, last = idx.min(0), idx.max(0)
+    box = tuple(slice(max(a - 1, 0), min(b + 2, n)) for a, b, n in zip(first, last, sm.shape))
+    out[box] = ndi.distance_transform_edt(sm[box], sampling=szooms)
+    return out
 
 
 # ---- field of view ---------------------------------------------------------------------------
@@ -287,10 +305,7 @@ def fov_measures(img, m, affine, zooms, head=None) -> dict:
     from volseg.transforms.functional import otsu_threshold
 
     codes = nib.aff2axcodes(affine)
-    if head is None:
-        pos = img[::2, ::2, ::2]
-        pos = pos[pos > pos.min()] if (pos > pos.min()).any() else pos.ravel()
-        thr = otsu_threshold(pos)
+    thr = None  # the image's Otsu threshold, when a face needs it (most masks reach none)
     cut_max, head_max, face_cut, face_head = 0.0, 0.0, None, None
     for ax in range(3):
         others = [a for a in range(3) if a != ax]
@@ -305,6 +320,10 @@ def fov_measures(img, m, affine, zooms, head=None) -> dict:
             if frac > cut_max:
                 cut_max, face_cut = frac, label
             if label != "I" and sections[slab].max() > 0:
+                if head is None and thr is None:
+                    pos = img[::2, ::2, ::2]
+                    pos = pos[pos > pos.min()] if (pos > pos.min()).any() else pos.ravel()
+                    thr = otsu_threshold(pos)
                 face = np.take(head if head is not None else img, edge_index, axis=ax)
                 face = face > 0 if head is not None else face > thr
                 cm2 = float(face.sum()) * area / 100.0
@@ -366,16 +385,19 @@ def brain_noise_sigma(img, zooms, points: np.ndarray) -> float | None:
     ax = int(np.argmax(zooms)) if max(zooms) > 1.2 * min(zooms) else 2
     a, b = [i for i in range(3) if i != ax]
     x = np.asarray(img)
+    if not (x.flags.c_contiguous or x.flags.f_contiguous):
+        x = np.ascontiguousarray(x)
     pts = np.asarray(points)
     ok = np.all((pts > 0) & (pts < np.asarray(x.shape) - 1), axis=1)
     pts = pts[ok]
+    # gather through flat offsets into the array's memory (C or Fortran order alike)
+    flat = x.ravel(order="K")
+    strides = np.asarray(x.strides) // x.itemsize
+    at = pts @ strides
     resp = np.zeros(len(pts), np.float64)
     for da, db, w in ((-1, -1, 1), (-1, 0, -2), (-1, 1, 1), (0, -1, -2), (0, 0, 4), (0, 1, -2),
                       (1, -1, 1), (1, 0, -2), (1, 1, 1)):
-        q = pts.copy()
-        q[:, a] += da
-        q[:, b] += db
-        resp += w * x[q[:, 0], q[:, 1], q[:, 2]]
+        resp += w * flat.take(at + (da * strides[a] + db * strides[b]))
     return float(np.median(np.abs(resp))) / IMMERKAER_MAD if len(resp) >= 500 else None
 
 
@@ -384,10 +406,11 @@ def noise_measures(img, m, zooms, work: Working | None = None) -> dict:
     from volseg.cohort.qc import air_noise_sigma, air_values, snr
 
     work = work or Working(img, m, np.eye(4), zooms)
-    air = snr(img[m], air_noise_sigma(air_values(img, m)))
+    values = img[m]
+    air = snr(values, air_noise_sigma(air_values(img, m)))
     deep = np.argwhere(work.mask & (work.inside >= NOISE_MIN_DEPTH_MM))
     sigma = brain_noise_sigma(img, zooms, work.native_index(deep))
-    brain = None if not sigma else float(np.median(img[m])) / sigma
+    brain = None if not sigma else float(np.median(values)) / sigma
     known = [v for v in (air, brain) if v is not None]
     return {"snr": _round(air), "qc_snr_brain": _round(brain), "qc_snr": _round(max(known)) if known else None}
 
@@ -493,10 +516,17 @@ def edge_profile(small, sm, szooms, inside=None, outside=None):
     width = max(1.0, half)
     centres = np.arange(-EDGE_RANGE_MM, EDGE_RANGE_MM + 0.5, 1.0)
     prof = np.full(len(centres), np.nan)
+    # the voxels in order of their whole millimetres of distance: each shell's test then runs
+    # on the few millimetres around it (a superset of the shell) instead of on every voxel
+    mm = np.floor(d).astype(np.int16)  # |d| <= EDGE_RANGE_MM + 2
+    order = np.argsort(mm, kind="stable")
+    d, v, mm = d[order], v[order], mm[order]
     for i, c in enumerate(centres):
-        sel = np.abs(d - c) <= width
+        a = int(np.searchsorted(mm, np.floor(c - width) - 1, side="left"))
+        b = int(np.searchsorted(mm, np.floor(c + width) + 1, side="right"))
+        sel = np.abs(d[a:b] - c) <= width
         if sel.sum() >= 20:
-            prof[i] = float(np.median(v[sel]))
+            prof[i] = float(np.median(v[a:b][sel]))
     return centres, prof
 
 

@@ -63,11 +63,33 @@ def head_mask(data: np.ndarray, step: int = 1, closing: int = 2, fill_slices: bo
         mask = small > small.min()
     mask = ndi.binary_closing(mask, iterations=closing)
     mask = largest_component(mask)
-    mask = ndi.binary_fill_holes(mask)
+    mask = fill_holes(mask)
     if fill_slices:
         for ax in range(3):
-            mask |= ndi.binary_fill_holes(mask, structure=_in_plane(ax))
+            mask |= fill_holes(mask, structure=_in_plane(ax))
     return mask
+
+
+def fill_holes(mask: np.ndarray, structure: np.ndarray | None = None) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes``, the same result in about half the time: the
+    background's components (connected by ``structure``, a symmetric 3x3(x3) structure;
+    default: faces only) that do not reach the array's border across a face the structure
+    connects through are holes. scipy grows the outside in from the border one step at a
+    time; one labelling finds the same components."""
+    mask = np.asarray(mask, bool)
+    if structure is None:
+        structure = ndi.generate_binary_structure(mask.ndim, 1)
+    structure = np.asarray(structure, bool)
+    labels, n = ndi.label(~mask, structure=structure)
+    if n == 0:
+        return mask.copy()
+    outside = np.zeros(n + 1, bool)
+    for ax in range(mask.ndim):
+        if np.take(structure, 0, axis=ax).any():  # the structure steps across this axis's faces
+            outside[np.take(labels, 0, axis=ax)] = True
+            outside[np.take(labels, -1, axis=ax)] = True
+    outside[0] = False  # label 0: the mask itself
+    return ~outside[labels]
 
 
 def _in_plane(axis: int) -> np.ndarray:
