@@ -118,3 +118,23 @@ def test_failure_reason(bench, tmp_path):
     assert bench.failure_reason(log, "s09-z") == "Warning: Skipped file in/s00-a.nii.gz"  # "skipped" matches
     log.write_text("$ tool\nall fine\n")
     assert bench.failure_reason(log, "s00-a") == "all fine"
+
+
+def test_pseudo_label_consensus_lies_between_two_disagreeing_masks():
+    """scripts/pseudo_labels.py: where two tools agree the consensus is their mask; where one
+    mask is a larger sphere, the consensus boundary lies between the two boundaries."""
+    spec = importlib.util.spec_from_file_location("pseudo_labels", SCRIPT.with_name("pseudo_labels.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    grid = np.indices((48, 48, 48)).astype(float) - 24.0
+    r = np.sqrt((grid**2).sum(0))
+    small, large = r <= 12.0, r <= 16.0
+    assert np.array_equal(mod.consensus(small, small, (1, 1, 1)).astype(bool), small)
+    cons = mod.consensus(small, large, (1, 1, 1)).astype(bool)
+    assert (cons >= small).all() and (cons <= large).all()
+    radius = (cons.sum() * 3 / (4 * np.pi)) ** (1 / 3)
+    assert 13.0 < radius < 15.0
+    # anisotropic voxels: the smoothing is in mm, the answer the same sphere within a voxel
+    cons2 = mod.consensus(small[:, :, ::2], large[:, :, ::2], (1, 1, 2)).astype(bool)
+    radius2 = (cons2.sum() * 2 * 3 / (4 * np.pi)) ** (1 / 3)
+    assert abs(radius2 - radius) < 1.0
