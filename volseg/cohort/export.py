@@ -134,7 +134,7 @@ def export_scan(out: Path, scan, res, ctx, only=None) -> dict:
     if only:
         paths = {k: p for k, p in paths.items() if OUTPUTS[k].stage == "anomaly"}
         figs = {k: p for k, p in figs.items() if k == "anomaly"}
-    measures = qc_measures(res)
+    measures: dict = {}  # filled by the QC thread below before any sidecar is made
     rel = {k: str(p.relative_to(out)) for k, p in paths.items()}
     timings = {k: round(v, 3) for k, v in res.timings.items()}
     settings = ctx.settings()
@@ -162,22 +162,25 @@ def export_scan(out: Path, scan, res, ctx, only=None) -> dict:
                                      AnomalousVolume_mL=measures["anomalous_volume_ml"]),
     }
     with _Writer() as w:
-        # the pictures (Python and matplotlib, mostly holding the GIL) are drawn in a thread while
-        # the images are compressed (ISA-L, NumPy: no GIL); both finish inside the writer, so a
-        # failure of either removes every staged file
-        pictures = pool = None
-        if figs:
-            from concurrent.futures import ThreadPoolExecutor
+        # the QC measures (NumPy/SciPy) and the pictures (Python and matplotlib, mostly holding
+        # the GIL) run in threads while the images are compressed (ISA-L, NumPy: no GIL); the
+        # sidecars, which carry the measures, are made once the images are staged. Everything
+        # finishes inside the writer, so a failure of any part removes every staged file
+        from concurrent.futures import ThreadPoolExecutor
 
-            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="volseg-pictures")
-            pictures = pool.submit(_draw_figures, w, scan, res, figs, vox_ml, tuple(figs))
+        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="volseg-export")
+        pictures = None
         try:
+            qc = pool.submit(qc_measures, res)
+            if figs:
+                pictures = pool.submit(_draw_figures, w, scan, res, figs, vox_ml, tuple(figs))
             for key, path in paths.items():
                 w.save_image(arrays[key](), meta, path, kind=OUTPUTS[key].kind)
+            measures.update(qc.result())
+            for key, path in paths.items():
                 w.save_json(sidecars[key](), sidecar_path(path))
         finally:
-            if pool is not None:
-                pool.shutdown(wait=True)
+            pool.shutdown(wait=True)
         if pictures is not None:
             pictures.result()
     timings["export_s"] = round(time.perf_counter() - t0, 3)
