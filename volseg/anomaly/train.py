@@ -204,21 +204,6 @@ def export_weights(net, cfg: AEConfig, dest_dir: Path, extra: dict) -> Path:
     return write_model(net, cfg.net, dest_dir, dict(extra, kind="ae"))
 
 
-def init_weights(net, init: Path, cfg: AEConfig) -> dict:
-    """Load a model folder's checked weights into ``net`` (same architecture); returns its info."""
-    from volseg.config import config_from_dict
-    from volseg.anomaly.config import AENetConfig
-    from volseg.nets.folder import WeightsError, load_model
-
-    src, info = load_model(init, kind="ae", device="cpu")
-    theirs = config_from_dict(info.get("net") or {}, AENetConfig, source=str(Path(init) / "model.json"))
-    if theirs != cfg.net:
-        raise WeightsError(f"{init}: its network ({theirs}) differs from the config's ({cfg.net}); "
-                           "fine-tuning keeps the architecture")
-    net.load_state_dict(src.state_dict())
-    return info
-
-
 class AEHooks(TrainHooks):
     """The anomaly autoencoder in :func:`volseg.training.train_loop`: corrupted healthy patches,
     :func:`restoration_loss`, the best epoch by validation AUPRC; ``init``: a model folder whose
@@ -246,7 +231,9 @@ class AEHooks(TrainHooks):
     def build_net(self):
         net = build_autoencoder(self.cfg.net)
         if self.init is not None:
-            info = init_weights(net, Path(self.init), self.cfg)
+            from volseg.nets.folder import init_weights
+
+            info = init_weights(net, Path(self.init), "ae", self.cfg.net)
             self.init_ref = {"model_dir": str(self.init), "sha256": info.get("sha256")}
             log.info("weights from %s (sha256 %s...)", self.init, str(info.get("sha256"))[:12])
         return net

@@ -142,6 +142,21 @@ def load_model(folder: Path | str | None = None, kind: str = "strip", device="cp
     return net, info
 
 
+def init_weights(net, folder: Path | str, kind: str, net_cfg) -> dict:
+    """Load a model folder's checked weights into ``net`` to start a training from them
+    (fine-tuning); returns the folder's info. Its network settings must equal ``net_cfg``
+    (fine-tuning keeps the architecture)."""
+    from volseg.config import config_from_dict
+
+    src, info = load_model(folder, kind=kind, device="cpu")
+    theirs = config_from_dict(info.get("net") or {}, type(net_cfg), source=str(Path(folder) / MODEL_FILE))
+    if theirs != net_cfg:
+        raise WeightsError(f"{folder}: its network ({theirs}) differs from the config's ({net_cfg}); "
+                           "fine-tuning keeps the architecture")
+    net.load_state_dict(src.state_dict())
+    return info
+
+
 def model_config(info: dict, cls, folder: Path | str = ""):
     """The training settings stored in ``model.json`` (``config``) as a ``cls`` instance;
     the defaults of ``cls`` where the model stored none."""
@@ -207,5 +222,5 @@ def copy_model_folder(src_dir: Path | str, dest_dir: Path | str, calibration: di
 
 
 __all__ = ["PACKAGE_MODELS", "CALIBRATION_FILE", "MODEL_FILE", "WeightsError", "sha256", "model_dir",
-           "is_package_dir", "write_model", "read_info", "build_net", "load_model", "model_config",
+           "is_package_dir", "write_model", "read_info", "build_net", "load_model", "init_weights", "model_config",
            "read_calibration", "write_calibration", "copy_model_folder"]

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from volseg.config import expand_path
 from volseg.nets import build_unet
-from volseg.nets.unet import NetConfig
+from volseg.nets.folder import init_weights
 from volseg.strip.augment import seeded, train_augmentation
 from volseg.strip.config import StripConfig
 from volseg.strip.data import cached_real, cached_synth, find_pairs, load_cached
@@ -129,7 +129,7 @@ class StripHooks(TrainHooks):
     def build_net(self):
         net = build_unet(self.cfg.net)
         if self.init is not None:
-            info = init_weights(net, Path(self.init), self.cfg)
+            info = init_weights(net, Path(self.init), "strip", self.cfg.net)
             self.init_ref = {"model_dir": str(self.init), "sha256": info.get("sha256")}
             log.info("weights from %s (sha256 %s...)", self.init, str(info.get("sha256"))[:12])
         return net
@@ -149,21 +149,6 @@ class StripHooks(TrainHooks):
         return validate(net, self.val, device, self.cfg.preprocess.grid.spacing_mm)
 
 
-def init_weights(net, init: Path, cfg: StripConfig) -> dict:
-    """Load a strip model folder's checked weights into ``net``; returns its info. The folder's
-    network settings must equal ``cfg.net`` (fine-tuning keeps the architecture)."""
-    from volseg.config import config_from_dict
-    from volseg.nets.folder import WeightsError, load_model
-
-    src, info = load_model(init, kind="strip", device="cpu")
-    theirs = config_from_dict(info.get("net") or {}, NetConfig, source=str(Path(init) / "model.json"))
-    if theirs != cfg.net:
-        raise WeightsError(f"{init}: its network ({theirs}) differs from the config's ({cfg.net}); "
-                           "fine-tuning keeps the architecture")
-    net.load_state_dict(src.state_dict())
-    return info
-
-
 def train(cfg: StripConfig, resume: Path | None = None,
           max_steps: int | None = None, progress: bool = True, stop_after: int | None = None,
           init: Path | None = None) -> dict:
@@ -178,4 +163,4 @@ def train(cfg: StripConfig, resume: Path | None = None,
                       max_steps=max_steps, progress=progress, stop_after=stop_after)
 
 
-__all__ = ["train", "init_weights", "validate", "mask_metrics", "MixedGridDataset", "StripHooks"]
+__all__ = ["train", "validate", "mask_metrics", "MixedGridDataset", "StripHooks"]
