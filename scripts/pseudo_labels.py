@@ -41,12 +41,12 @@ def consensus(a: np.ndarray, b: np.ndarray, zooms) -> np.ndarray:
     """Both masks' agreement plus the nearer half of the band where they disagree (uint8)."""
     from scipy import ndimage as ndi
 
-    from volseg.transforms.functional import largest_component
+    from volseg.transforms.functional import fill_holes, largest_component
 
     sigma = [1.0 / float(z) for z in zooms]
     mid = (ndi.gaussian_filter(a.astype(np.float32), sigma) + ndi.gaussian_filter(b.astype(np.float32), sigma)) / 2
     out = (a & b) | ((a ^ b) & (mid >= 0.5))
-    return ndi.binary_fill_holes(largest_component(out)).astype(np.uint8)
+    return fill_holes(largest_component(out)).astype(np.uint8)
 
 
 def main() -> int:

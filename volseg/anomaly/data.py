@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from volseg.io import ImageMeta, load_image
 from volseg.config import expand_path
@@ -23,10 +22,10 @@ def _key(*parts) -> str:
 
 def nonzero_mask(data: np.ndarray) -> np.ndarray:
     """Brain mask of a skull-stripped image: non-zero voxels, largest component, holes filled."""
-    from volseg.transforms.functional import largest_component
+    from volseg.transforms.functional import fill_holes, largest_component
 
     m = np.abs(data) > 1e-6 * max(float(np.abs(data).max()), 1e-12)
-    return ndi.binary_fill_holes(largest_component(m))
+    return fill_holes(largest_component(m))
 
 
 def find_mask(path: Path) -> Path | None:

@@ -17,7 +17,7 @@ from scipy import ndimage as ndi
 from volseg.io import AtomicWriter, load_image, scan_id
 from volseg.preprocess import Prepared, prepare
 from volseg.strip.config import StripConfig
-from volseg.transforms.functional import largest_component
+from volseg.transforms.functional import fill_holes, largest_component
 
 
 def for_model(cfg: StripConfig, net) -> StripConfig:
@@ -133,7 +133,7 @@ def clean_mask(prob: np.ndarray, zooms, threshold: float = 0.5, border_mm: float
 
 def _clean(above: np.ndarray, zooms, border_mm: float) -> np.ndarray:
     mask = largest_component(above)
-    mask = ndi.binary_fill_holes(mask)
+    mask = fill_holes(mask)
     if border_mm:
         if border_mm > 0:
             dist = ndi.distance_transform_edt(~mask, sampling=zooms)
@@ -141,7 +141,7 @@ def _clean(above: np.ndarray, zooms, border_mm: float) -> np.ndarray:
         else:
             dist = ndi.distance_transform_edt(mask, sampling=zooms)
             mask = dist > -border_mm
-        mask = ndi.binary_fill_holes(largest_component(mask))
+        mask = fill_holes(largest_component(mask))
     return mask.astype(np.uint8)
 
 
