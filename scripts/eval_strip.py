@@ -147,15 +147,13 @@ def main() -> int:
     contrasts = [c.strip() for c in args.contrasts.split(",") if c.strip()]
     per_contrast = {}
     for ci, contrast in enumerate(contrasts):
-        from volseg.io import ImageMeta
         from volseg.synth import synth_head
 
         for k in range(args.per_contrast):
             seed = args.synth_seed + 100 * ci + k
             subj = synth_head(seed, contrast=contrast)
-            zooms = tuple(float(z) for z in np.linalg.norm(subj.affine[:3, :3], axis=0))
-            m = ImageMeta(path=f"<synth {contrast} {seed}>", affine=subj.affine, shape=subj.image.shape,
-                          zooms=zooms)
+            m = subj.meta(f"<synth {contrast} {seed}>")
+            zooms = m.zooms
             mask, _, timings = strip_volume(subj.image, m, net, cfg, tta=args.tta)
             res = metrics(mask, subj.brain_mask, zooms)
             res["total_s"] = timings["total_s"]

@@ -135,12 +135,10 @@ def synth_contrast(seed: int, contrasts=("t1",), weights=()) -> str:
 
 def synth_sample(seed: int, cfg: Config, contrast: str = "t1"):
     """One synthetic head on the grid (no N4: its bias field is left as augmentation)."""
-    from volseg.io import ImageMeta
     from volseg.synth import synth_head
 
     subj = synth_head(seed, contrast=contrast)
-    zooms = tuple(float(z) for z in np.linalg.norm(subj.affine[:3, :3], axis=0))
-    meta = ImageMeta(path=f"<synth {seed}>", affine=subj.affine, shape=subj.image.shape, zooms=zooms)
+    meta = subj.meta(f"<synth {seed}>")
     img, m, _ = grid_pair(subj.image.astype(np.float32), subj.brain_mask.astype(np.float32), meta, cfg,
                           n4=False)
     return img, m

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from volseg.synth.heads import SynthSubject, synth_head
 
 log = logging.getLogger("volseg")
@@ -23,7 +21,7 @@ def write_subject(subject: SynthSubject, out_dir, name: str) -> dict[str, Path |
     beside the image. Returns the paths by ``'image'``, ``'brain_mask'``, ``'lesion_mask'``
     (None without lesions) and ``'params'``.
     """
-    from volseg.io import AtomicWriter, ImageMeta
+    from volseg.io import AtomicWriter
 
     out_dir = Path(out_dir)
     contrast = subject.params.get("contrast", "t1")
@@ -37,11 +35,8 @@ def write_subject(subject: SynthSubject, out_dir, name: str) -> dict[str, Path |
         if subject.lesion_mask is not None else None,
         "params": out_dir / f"{name}_{suffix}.json",
     }
-    zooms = tuple(float(z) for z in np.linalg.norm(subject.affine[:3, :3], axis=0))
-
-    def meta(path: Path) -> ImageMeta:
-        return ImageMeta(path=str(path), affine=np.asarray(subject.affine, dtype=float),
-                         shape=tuple(subject.image.shape), zooms=zooms, qform_code=1, sform_code=1)
+    def meta(path: Path):
+        return subject.meta(path, qform_code=1, sform_code=1)
 
     with AtomicWriter() as w:
         w.save_image(subject.image, meta(paths["image"]), paths["image"], kind="image")

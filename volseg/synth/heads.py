@@ -50,6 +50,15 @@ class SynthSubject:
     affine: np.ndarray  # 4x4 voxel -> world (mm)
     params: dict  # JSON-ready description of the random draws
 
+    def meta(self, path: str = "<synth>", **header):
+        """The image's geometry as a :class:`volseg.io.ImageMeta` (voxel sizes from the affine);
+        ``header``: further ImageMeta fields (e.g. ``qform_code=1``)."""
+        from volseg.io import ImageMeta
+
+        zooms = tuple(float(z) for z in np.linalg.norm(self.affine[:3, :3], axis=0))
+        return ImageMeta(path=str(path), affine=np.asarray(self.affine, dtype=float),
+                         shape=tuple(self.image.shape), zooms=zooms, **header)
+
 
 def _u(rng: np.random.Generator, lo: float, hi: float) -> float:
     return float(rng.uniform(lo, hi))
