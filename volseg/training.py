@@ -99,9 +99,21 @@ class TrainHooks:
     model_kind: str | None = None  # model.json "kind" (None: not written, a strip model)
     curve: dict = {}  # plot_learning_curve's losses / metric_label / loss_label / ylim
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, init: Path | None = None):
         self.cfg = cfg
         self.val: list = []
+        self.init, self.init_ref = init, None  # a model folder whose weights start the training
+
+    def load_init(self, net, kind: str):
+        """``net`` with the weights of the ``init`` model folder, when there is one (its network
+        settings must equal ``cfg.net``); remembers which weights in ``init_ref``."""
+        if self.init is not None:
+            from volseg.nets.folder import init_weights
+
+            info = init_weights(net, Path(self.init), kind, self.cfg.net)
+            self.init_ref = {"model_dir": str(self.init), "sha256": info.get("sha256")}
+            log.info("weights from %s (sha256 %s...)", self.init, str(info.get("sha256"))[:12])
+        return net
 
     def prepare(self, ctx) -> None:
         """Find (and cache) the training data and ``self.val``; ``ctx``: the DistContext."""

@@ -214,8 +214,7 @@ class AEHooks(TrainHooks):
              "metric_label": "val voxel AUPRC (grid)", "loss_label": "L1"}
 
     def __init__(self, cfg: AEConfig, init: Path | None = None):
-        super().__init__(cfg)
-        self.init, self.init_ref = init, None
+        super().__init__(cfg, init)
 
     def prepare(self, ctx) -> None:
         cfg = self.cfg
@@ -229,14 +228,7 @@ class AEHooks(TrainHooks):
                  len(self.real), len(self.synth), len(self.val))
 
     def build_net(self):
-        net = build_autoencoder(self.cfg.net)
-        if self.init is not None:
-            from volseg.nets.folder import init_weights
-
-            info = init_weights(net, Path(self.init), "ae", self.cfg.net)
-            self.init_ref = {"model_dir": str(self.init), "sha256": info.get("sha256")}
-            log.info("weights from %s (sha256 %s...)", self.init, str(info.get("sha256"))[:12])
-        return net
+        return self.load_init(build_autoencoder(self.cfg.net), "ae")
 
     def dataset(self, length: int, start: int):
         return PatchDataset(self.real, self.synth, self.cfg, length=length, start=start)

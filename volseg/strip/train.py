@@ -25,7 +25,6 @@ from torch.utils.data import Dataset
 
 from volseg.config import expand_path
 from volseg.nets import build_unet
-from volseg.nets.folder import init_weights
 from volseg.strip.augment import seeded, train_augmentation
 from volseg.strip.config import StripConfig
 from volseg.strip.data import cached_real, cached_synth, find_pairs, load_cached
@@ -107,8 +106,7 @@ class StripHooks(TrainHooks):
     def __init__(self, cfg: StripConfig, init: Path | None = None):
         from monai.losses import DiceFocalLoss
 
-        super().__init__(cfg)
-        self.init, self.init_ref = init, None
+        super().__init__(cfg, init)
         self.loss_fn = DiceFocalLoss(sigmoid=True, lambda_dice=cfg.train.lambda_dice,
                                      lambda_focal=cfg.train.lambda_focal)
 
@@ -127,12 +125,7 @@ class StripHooks(TrainHooks):
                                   weights=cfg.data.synth_contrast_weights) if cfg.data.synth_count else []
 
     def build_net(self):
-        net = build_unet(self.cfg.net)
-        if self.init is not None:
-            info = init_weights(net, Path(self.init), "strip", self.cfg.net)
-            self.init_ref = {"model_dir": str(self.init), "sha256": info.get("sha256")}
-            log.info("weights from %s (sha256 %s...)", self.init, str(info.get("sha256"))[:12])
-        return net
+        return self.load_init(build_unet(self.cfg.net), "strip")
 
     def export_extra(self) -> dict:
         return {"init": self.init_ref} if self.init_ref else {}
