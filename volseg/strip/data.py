@@ -152,12 +152,9 @@ def cached_synth(count: int, seed: int, cfg: Config, cache_dir: Path, workers: i
     todo, out = [], []
     for i in range(count):
         contrast = synth_contrast(seed + i, contrasts, weights)
-        # keyed by what shapes a synthetic sample (no N4 is applied to them); T1 heads keep
-        # the names they had before there were other contrasts
-        tag = "" if contrast == "t1" else f"{contrast}-"
-        key = _key(seed + i, cfg.grid, cfg.intensity) if contrast == "t1" \
-            else _key(seed + i, cfg.grid, cfg.intensity, contrast)
-        dest = cache_dir / f"synth-{tag}{seed + i:06d}-{key}.npz"
+        # keyed by what shapes a synthetic sample (no N4 is applied to them)
+        key = _key(seed + i, cfg.grid, cfg.intensity, contrast)
+        dest = cache_dir / f"synth-{contrast}-{seed + i:06d}-{key}.npz"
         out.append(dest)
         if not dest.exists():
             todo.append((seed + i, dest, contrast))
@@ -182,7 +179,7 @@ def _make_synth(args):
     torch.set_num_threads(1)
     seed, dest, cfg, contrast = args
     img, m = synth_sample(seed, cfg, contrast)
-    _save(dest, img, m, source=f"synth:{seed}" if contrast == "t1" else f"synth:{contrast}:{seed}")
+    _save(dest, img, m, source=f"synth:{contrast}:{seed}")
     return dest
 
 
