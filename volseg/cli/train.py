@@ -17,6 +17,10 @@ def _rank0() -> bool:
 
 
 def cmd_train(args) -> int:
+    if args.init is not None:  # 'shipped': volseg's own model of the kind being trained
+        from volseg.nets.folder import PACKAGE_MODELS
+
+        args.init = PACKAGE_MODELS / args.what if args.init == "shipped" else Path(args.init)
     if args.what == "ae":
         return _train_ae(args)
     if args.config is None:
@@ -29,12 +33,7 @@ def cmd_train(args) -> int:
     cfg = load_strip_config(args.config)
     if args.from_ratings is not None:
         cfg = _add_rated_pairs(cfg, args.from_ratings)
-    init = None
-    if args.init is not None:
-        from volseg.nets.folder import PACKAGE_MODELS
-
-        init = PACKAGE_MODELS / "strip" if args.init == "shipped" else Path(args.init)
-    summary = train(cfg, resume=args.resume, max_steps=args.steps, init=init)
+    summary = train(cfg, resume=args.resume, max_steps=args.steps, init=args.init)
     if _rank0():
         print(f"best validation Dice {summary['best_val_dice']:.4f} after {summary['steps']} steps; "
               f"outputs in {summary['out_dir']}")
@@ -61,10 +60,6 @@ def _train_ae(args) -> int:
     from volseg.anomaly.config import load_ae_config
     from volseg.anomaly.train import train as train_ae
 
-    if args.init is not None:
-        from volseg.nets.folder import PACKAGE_MODELS
-
-        args.init = PACKAGE_MODELS / "ae" if args.init == "shipped" else Path(args.init)
     finetune = bool(args.healthy) or args.from_ratings is not None
     if not finetune:
         # a training run from a config; with --init its weights start from that model
