@@ -7,9 +7,11 @@ residual) is then mapped from its reconstruction and scored by pooled AUPRC and 
 (optimistic) per group, with the network's seconds per case. Thresholds are not involved: this
 ranks settings before calibration.
 
---on validation (the default, for *choosing* settings): lesion families in the validation brain
-healthy/T1_brain_c1 (other seeds than training's validation cases); normative statistics from
---synth synthetic brains only (seeds 9000...), so the validation brain is in neither.
+--on validation (the default, for *choosing* settings): lesion families in the validation brains
+(volseg.anomaly.benchmark.validation_cases: healthy/T1_brain_c1 with other seeds than training's
+validation cases, and the brains of open_ms patients 01, 03 and 04 with the dataset's own masks);
+normative statistics from --synth synthetic brains only (seeds 9000...), so no validation brain is
+in them. Also printed: AUPRC per validation brain, to see whether a gain holds in every brain.
 --on test (for *reporting*, never for choosing): the benchmark's held-out brains and real lesions;
 normative statistics from T1_brain_c1 + the synthetic brains (the calibration set).
 
@@ -63,7 +65,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("-o", "--output", type=Path, default=REPO / "runs" / "variants")
-    ap.add_argument("--per-family", type=int, default=2)
+    ap.add_argument("--per-family", type=int, default=None, help="cases per family and brain (default: "
+                    "3 on validation, 2 on test)")
     ap.add_argument("--synth", type=int, default=8, help="synthetic calibration brains for the normative statistics")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--on", choices=["validation", "test"], default="validation")
@@ -75,7 +78,7 @@ def main() -> int:
     torch.set_num_threads(2)
     from anomaly_suite import strip_heads
 
-    from volseg.anomaly.benchmark import real_cases, synthetic_cases
+    from volseg.anomaly.benchmark import real_cases, synthetic_cases, validation_cases
     from volseg.anomaly.data import synth_brain
     from volseg.anomaly.evaluate import Case, calibrate
     from volseg.anomaly.infer import anomaly_finish, anomaly_prepare, load_anomaly_model
@@ -98,15 +101,16 @@ def main() -> int:
         norm = calibrate(model, cal)["normative"]
         model.cfg = base
     if args.on == "validation":
-        brains, real = {"T1_brain_c1": shared / "healthy" / "T1_brain_c1.nii.gz"}, []
+        cases = validation_cases(shared, per_family=args.per_family or 3)
     else:
         brains, real = {"norm": shared / "healthy" / "norm.mgz"}, real_cases(shared)
         for b in strip_heads([shared / "wholehead" / "nomask" / "chris_t1.nii.gz"],
                              REPO / "runs" / "suite" / "stripped"):
             brains[b.name.split("_desc")[0]] = b
-    cases = [c for bid, p in brains.items() for c in synthetic_cases(bid, str(p), per_family=args.per_family)
-             if c.group != "healthy"] + real
+        cases = [c for bid, p in brains.items() for c in synthetic_cases(bid, str(p), per_family=args.per_family or 2)
+                 if c.group != "healthy"] + real
     pooled: dict = {}
+    per_brain: dict = {}
     key_s: dict = {}  # reconstruction settings -> network seconds per case
     variant_key: dict = {}
     for case in cases:
@@ -127,6 +131,8 @@ def main() -> int:
                                  normative=norm if v.get("normative") else None)
             p = pooled.setdefault(case.group, {}).setdefault(name, ([], []))
             p[0].append(res.map[mask].astype(np.float32)); p[1].append(lesion[mask])
+            p = per_brain.setdefault(f"{case.brain} {case.group}", {}).setdefault(name, ([], []))
+            p[0].append(res.map[mask].astype(np.float32)); p[1].append(lesion[mask])
         logging.info("%s done", case.id)
     table = {}
     for group, vs in pooled.items():
@@ -134,11 +140,13 @@ def main() -> int:
         for name, (s, t) in vs.items():
             m = voxel_metrics(np.concatenate(s), np.concatenate(t))
             table[group][name] = {"auprc": round(m["auprc"], 4), "best_dice": round(m["best_dice"], 4)}
+    brains_table = {k: {n: round(voxel_metrics(np.concatenate(s), np.concatenate(t))["auprc"], 4)
+                        for n, (s, t) in vs.items()} for k, vs in per_brain.items()}
     means = {n: round(float(np.mean([table[g][n]["auprc"] for g in table])), 4) for n in args.variants}
     secs = {n: round(float(np.median(key_s[variant_key[n]])), 3) for n in args.variants}
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "variants.json").write_text(json.dumps(
-        {"on": args.on, "groups": table, "mean_auprc": means, "network_s_per_case": secs}, indent=2) + "\n")
+        {"on": args.on, "groups": table, "per_brain_auprc": brains_table, "mean_auprc": means, "network_s_per_case": secs}, indent=2) + "\n")
     groups = list(table)
     lines = ["| variant | " + " | ".join(groups) + " | mean AUPRC | network s / case |",
              "|---" * (len(groups) + 3) + "|"]
@@ -147,7 +155,10 @@ def main() -> int:
                                              for g in groups) + f" | {means[n]:.3f} | {secs[n]:.2f} |")
     text = (f"On {args.on} cases. AUPRC / best Dice (optimistic), pooled per group; network seconds per case "
             f"(median; reconstructions shared by variants are counted once per variant)\n\n" + "\n".join(lines)
-            + f"\n\nhighest mean AUPRC: {max(means, key=means.get)}\n")
+            + f"\n\nhighest mean AUPRC: {max(means, key=means.get)}\n\nAUPRC per brain and group:\n\n"
+            + "| brain, group | " + " | ".join(args.variants) + " |\n" + "|---" * (len(args.variants) + 1) + "|\n"
+            + "".join(f"| {k} | " + " | ".join(f"{v[n]:.3f}" for n in args.variants) + " |\n"
+                      for k, v in sorted(brains_table.items())))
     (args.output / "variants.md").write_text(text)
     print(text)
     return 0

@@ -339,3 +339,23 @@ def test_shipped_model_maps_dark_and_bright_lesions_above_healthy_tissue(level, 
 def test_shipped_model_small_dark_lesion_stands_out_of_healthy_tissue():
     inside, healthy = _shipped_map_in_lesion(0.4, 4.0)
     assert inside.mean() > np.percentile(healthy, 95)
+
+
+def test_validation_cases_cover_four_brains_and_keep_lesions_inside_the_given_mask(shared_data):
+    from volseg.anomaly.benchmark import VALIDATION_OPEN_MS, validation_cases
+
+    shared = shared_data
+    if not (shared / "healthy" / "T1_brain_c1.nii.gz").exists():
+        pytest.skip("shared data not present")
+    cases = validation_cases(shared, per_family=1)
+    brains = {c.brain for c in cases}
+    assert brains == {"T1_brain_c1", *VALIDATION_OPEN_MS}
+    assert {c.group for c in cases} == set(FAMILIES)  # no healthy case unless asked
+    assert len(cases) == 4 * len(FAMILIES)
+    case = next(c for c in cases if c.brain == "patient04_study1" and c.group == "bright")
+    img, mask, lesion, meta = case.load()
+    given = nib.load(str(shared / "wholehead" / "open_ms" / "patient04_study1_T1W_brainmask.nii.gz")).get_fdata() > 0
+    assert np.array_equal(mask, given)  # the dataset's own mask, no volseg model involved
+    assert lesion.any() and not (lesion & ~mask).any()
+    assert float(np.median(img[lesion])) > 1.2 * float(np.median(img[mask & ~lesion]))
+    assert len(validation_cases(shared, per_family=1, healthy=True)) == 4 * (len(FAMILIES) + 1)

@@ -89,6 +89,32 @@ def synthetic_cases(brain_id: str, image: str, mask: str | None = None, per_fami
     return cases
 
 
+VALIDATION_OPEN_MS = ("patient01_study1", "patient03_study2", "patient04_study1")
+
+
+def validation_cases(shared: Path, per_family: int = 3, seed: int = 1000, healthy: bool = False) -> list[SuiteCase]:
+    """Cases for *choosing* map settings, checkpoints and recipes, never for reporting: lesion
+    families in ``healthy/T1_brain_c1`` and in the brains of three open_ms clinical scans (2D T1,
+    3 mm slices, the dataset's own brain masks, so no volseg model is involved). The open_ms
+    patients have MS: their own lesions are unlabelled, so a little of their "healthy" tissue is
+    not; they are never used to calibrate thresholds, which need healthy brains. Brains present
+    under ``shared`` only; ``healthy``: keep each brain's lesion-free case too."""
+    brains = []
+    c1 = shared / "healthy" / "T1_brain_c1.nii.gz"
+    if c1.exists():
+        brains.append(("T1_brain_c1", c1, None))
+    for name in VALIDATION_OPEN_MS:
+        img = shared / "wholehead" / "open_ms" / f"{name}_T1W.nii.gz"
+        msk = img.with_name(f"{name}_T1W_brainmask.nii.gz")
+        if img.exists() and msk.exists():
+            brains.append((name, img, msk))
+    out = []
+    for bid, img, msk in brains:
+        out += [c for c in synthetic_cases(bid, str(img), str(msk) if msk else None, per_family, seed)
+                if healthy or c.group != "healthy"]
+    return out
+
+
 def real_cases(shared: Path) -> list[SuiteCase]:
     """BRATS 2013 T1c (4 patients) and open_ms patient19 T1, where present under ``shared``."""
     from volseg.anomaly.evaluate import Case
@@ -238,5 +264,5 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["SuiteCase", "synthetic_cases", "real_cases", "Template", "baseline_maps", "run_suite", "markdown",
+__all__ = ["SuiteCase", "synthetic_cases", "validation_cases", "VALIDATION_OPEN_MS", "real_cases", "Template", "baseline_maps", "run_suite", "markdown",
            "BASELINES"]
