@@ -41,6 +41,42 @@ def test_families_paint_their_contrast_at_every_site_and_size():
         assert (changed & ~truth).sum() < truth.sum()
 
 
+def test_families_on_a_biased_scan_keep_their_contrast_to_the_tissue_around_them():
+    """With the scan's field given, a family's contrast is the lesions' contrast to their own
+    surroundings, wherever the field puts them; painted against the raw global white-matter
+    level (no field) it is not."""
+    from scipy import ndimage as ndi
+
+    from volseg.anomaly.families import brain_bias_field
+    from volseg.anomaly.prep import wm_peak
+
+    data, mask, meta = _synthetic_brain(11)
+    # a strong known field: x2 across the brain along its first axis
+    ramp = np.exp(np.linspace(-0.35, 0.35, data.shape[0], dtype=np.float32))[:, None, None]
+    biased = np.where(mask, data * ramp, 0).astype(np.float32)
+    field = brain_bias_field(biased, mask, meta.zooms)
+    flat = biased / field
+    added = np.log(field[mask]) - np.log(brain_bias_field(data, mask, meta.zooms)[mask])
+    corr = np.corrcoef(added, np.log(np.broadcast_to(ramp, data.shape)[mask]))[0, 1]
+    assert corr > 0.9, corr  # N4 found the added ramp (the synthetic brain has its own field too)
+    sites = tissue_sites(flat, mask, meta.zooms)
+    off_band = {}
+    for name, kw in (("aware", dict(field=field, sites=sites)), ("raw", dict(sites=tissue_sites(biased, mask, meta.zooms)))):
+        img, truth, params = insert_family(biased, mask, meta.zooms, "bright", np.random.default_rng(3), **kw)
+        seen = img / field  # what a pipeline sees after the same correction
+        wm = wm_peak(seen[mask & ~truth])
+        off = []
+        for p in params:
+            c = tuple(p["centre_vox"])
+            lab = np.zeros(mask.shape, bool)
+            lab[c] = True
+            core = truth & ndi.binary_dilation(lab, iterations=max(1, int(p["radius_mm"] * 0.4 / min(meta.zooms))))
+            off.append(abs(float(np.median(seen[core])) / wm - p["level_x_wm"]))
+        off_band[name] = max(off)
+    assert off_band["aware"] < 0.08, off_band
+    assert off_band["raw"] > off_band["aware"], off_band
+
+
 def test_lesion_shapes_have_the_asked_size():
     rng = np.random.default_rng(0)
     shape, centre, zooms = (61, 61, 61), (30, 30, 30), (1.0, 1.0, 1.0)

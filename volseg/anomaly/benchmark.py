@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from volseg.anomaly.families import FAMILIES, insert_family, tissue_sites
+from volseg.anomaly.families import FAMILIES, brain_bias_field, insert_family, tissue_sites
 from volseg.anomaly.infer import AnomalyModel, anomaly_volume, load_brain_input
 from volseg.anomaly.maps import residual_map
 from volseg.anomaly.metrics import voxel_metrics
@@ -63,8 +63,12 @@ def _brain_loader(image: str, mask: str | None = None):
 
 
 def synthetic_cases(brain_id: str, image: str, mask: str | None = None, per_family: int = 2,
-                    seed: int = 1000) -> list[SuiteCase]:
-    """The healthy brain and ``per_family`` lesion cases of each family in it (fixed seeds)."""
+                    seed: int = 1000, bias_aware: bool = True) -> list[SuiteCase]:
+    """The healthy brain and ``per_family`` lesion cases of each family in it (fixed seeds).
+    ``bias_aware``: paint into the bias-corrected brain and put the field back
+    (:func:`~volseg.anomaly.families.brain_bias_field`), so that a family's contrast is its
+    lesions' contrast to the tissue around them; off: relative to the raw brain (as before
+    2026-12-07)."""
     get = _brain_loader(image, mask)
     sites: dict = {}
 
@@ -76,9 +80,11 @@ def synthetic_cases(brain_id: str, image: str, mask: str | None = None, per_fami
         def load():
             data, bmask, meta = get()
             if "s" not in sites:
-                sites["s"] = tissue_sites(data, bmask, meta.zooms)
+                sites["f"] = brain_bias_field(data, bmask, meta.zooms) if bias_aware else None
+                flat = data / sites["f"] if bias_aware else data
+                sites["s"] = tissue_sites(flat, bmask, meta.zooms)
             rng = np.random.default_rng([seed, sum(map(ord, brain_id)), list(FAMILIES).index(family), k])
-            img, truth, _ = insert_family(data, bmask, meta.zooms, family, rng, sites=sites["s"])
+            img, truth, _ = insert_family(data, bmask, meta.zooms, family, rng, sites=sites["s"], field=sites["f"])
             return img, bmask, truth, meta
         return load
 

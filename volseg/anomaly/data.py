@@ -119,7 +119,7 @@ def cached_validation(specs, cfg, cache_dir: Path, seed: int = 77) -> list[Path]
     import torch
     from monai.data import MetaTensor
 
-    from volseg.anomaly.families import FAMILIES, insert_family, tissue_sites
+    from volseg.anomaly.families import FAMILIES, brain_bias_field, insert_family, tissue_sites
     from volseg.anomaly.prep import prepare_brain
 
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -127,15 +127,18 @@ def cached_validation(specs, cfg, cache_dir: Path, seed: int = 77) -> list[Path]
     for j, spec in enumerate(specs):
         p = Path(expand_path(spec))
         stamp = (p.stat().st_size, p.stat().st_mtime) if p.exists() else ()
-        sites = None
+        sites = field = None
         for k, family in enumerate(FAMILIES):
-            key = _key(spec, stamp, seed, "families", family, cfg.preprocess, cfg.maps.n4)
+            # lesions painted into the bias-corrected brain, the field put back (benchmark.synthetic_cases)
+            key = _key(spec, stamp, seed, "families", "bias-aware", family, cfg.preprocess, cfg.maps.n4)
             dest = cache_dir / f"val-{p.name.split('.')[0]}_{family}-{key}.npz"
             if not dest.exists():
                 data, mask, meta = load_brain(spec)
-                sites = sites if sites is not None else tissue_sites(data, mask, meta.zooms)
+                if field is None:
+                    field = brain_bias_field(data, mask, meta.zooms)
+                    sites = tissue_sites(data / field, mask, meta.zooms)
                 rng = np.random.default_rng([seed, j, k])
-                img, truth, _ = insert_family(data, mask, meta.zooms, family, rng, sites=sites)
+                img, truth, _ = insert_family(data, mask, meta.zooms, family, rng, sites=sites, field=field)
                 prep = prepare_brain(img, mask, meta, cfg)
                 t = prep.grid(MetaTensor(torch.as_tensor(truth[None].astype(np.float32)),
                                          affine=torch.as_tensor(meta.affine)),

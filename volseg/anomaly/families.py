@@ -13,6 +13,14 @@ subtle     1.1-1.25      slightly brighter than white matter (hard on purpose)
 bright     1.3-1.6       enhancing lesions, haemorrhage, fat
 ========== ============= =====================================================
 
+Contrasts are relative to the white matter *around* the lesion, so on a scan with a bias field
+the lesion is painted into the bias-corrected brain (:func:`brain_bias_field`: N4 inside the brain
+mask) relative to its white-matter peak, and the field is put back (``field=`` of
+:func:`insert_family`). Painting relative to the uncorrected brain's global white-matter level
+instead gives a lesion whose contrast to its neighbours is not the family's where the field is
+far from its mean: on the clinical open_ms scans a "bright" lesion (1.3-1.6x) came out of N4 at
+1.1-1.2x its surroundings, and in one T1_brain_c1 case at 1.0x.
+
 Every case holds three lesions of one family, one small (3-6 mm radius), one medium (6-12 mm)
 and one large (12-25 mm), each at a different *site* (deep white matter, periventricular,
 juxtacortical), each either an ellipsoid or an irregular multi-lobed shape, with soft edges
@@ -106,11 +114,27 @@ def lesion_alpha(shape, centre_vox, radius_mm: float, zooms, kind: str, rng, edg
     return np.clip((1.0 - rho) * radius_mm / max(edge_mm, 1e-3) + 0.5, 0.0, 1.0).astype(np.float32)
 
 
+def brain_bias_field(image: np.ndarray, brain_mask: np.ndarray, zooms) -> np.ndarray:
+    """The scan's multiplicative bias field inside its brain (N4 in the mask, volseg's NumPy N4
+    with default settings; float32, 1 outside the mask): ``image / field`` is the corrected brain
+    into which :func:`insert_family` paints."""
+    from volseg.transforms.n4 import n4_log_field_numpy
+
+    mask = np.asarray(brain_mask) > 0
+    log_field, _ = n4_log_field_numpy(np.where(mask, image, 0).astype(np.float32), zooms, mask=mask)
+    return np.where(mask, np.exp(log_field), 1.0).astype(np.float32)
+
+
 def insert_family(image: np.ndarray, brain_mask: np.ndarray, zooms, family: str, rng: np.random.Generator,
-                  sites: dict | None = None, texture: float = 0.05, wm_level: float | None = None):
+                  sites: dict | None = None, texture: float = 0.05, wm_level: float | None = None,
+                  field: np.ndarray | None = None):
     """Paint one case of ``family``: three lesions (small, medium, large), one per site.
 
-    Returns (image, lesion mask (bool: occupancy >= 0.5, inside the brain), per-lesion params).
+    ``field``: the scan's bias field (:func:`brain_bias_field`); the lesions are then painted into
+    ``image / field`` (levels relative to its white matter; ``sites`` and ``wm_level`` refer to it)
+    and the result is multiplied by ``field`` again, so each lesion has its family's contrast to
+    the tissue around it. Returns (image, lesion mask (bool: occupancy >= 0.5, inside the brain),
+    per-lesion params).
     """
     from volseg.anomaly.prep import wm_peak
 
@@ -119,6 +143,8 @@ def insert_family(image: np.ndarray, brain_mask: np.ndarray, zooms, family: str,
     zooms = np.asarray(zooms, dtype=float)
     mask = np.asarray(brain_mask) > 0
     out = np.asarray(image, dtype=np.float32).copy()
+    if field is not None:
+        out = np.where(mask, out / np.asarray(field, np.float32), out).astype(np.float32)
     wm = float(wm_level) if wm_level is not None else wm_peak(out[mask])
     sites = sites if sites is not None else tissue_sites(out, mask, zooms)
     truth = np.zeros(mask.shape, bool)
@@ -146,7 +172,10 @@ def insert_family(image: np.ndarray, brain_mask: np.ndarray, zooms, family: str,
         truth[box] |= alpha >= 0.5
         params.append({"site": site, "shape": kind, "radius_mm": round(radius, 2), "level_x_wm": round(level / wm, 3),
                        "centre_vox": [int(c) for c in centre], "voxels": int((alpha >= 0.5).sum())})
+    if field is not None:
+        out = np.where(mask, out * np.asarray(field, np.float32), out).astype(np.float32)
     return out, truth & mask, params
 
 
-__all__ = ["FAMILIES", "SITES", "SHAPES", "SIZE_BANDS_MM", "tissue_sites", "lesion_alpha", "insert_family"]
+__all__ = ["FAMILIES", "SITES", "SHAPES", "SIZE_BANDS_MM", "tissue_sites", "lesion_alpha", "insert_family",
+           "brain_bias_field"]
