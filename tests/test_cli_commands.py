@@ -218,3 +218,41 @@ def test_strip_border_grows_and_shrinks_and_tta_is_recorded(run_cli, fast_cfg, t
     assert all(sides[k]["Inference"]["tta"] is False for k in ("0", "+3", "-3"))
     dice = 2 * (masks["tta"] & m0).sum() / (masks["tta"].sum() + m0.sum())
     assert dice > 0.95
+
+
+def test_strip_writes_and_prints_each_scans_self_qc(run_cli, fast_cfg, tmp_path):
+    """``volseg strip`` gives a single scan the self-QC of ``volseg run``: in both sidecars as
+    ``QC`` and on the printed line; a head whose brain is cut by the field of view is sent to
+    ``check`` with its reason; ``--no-qc`` leaves it out."""
+    good = _head(tmp_path / "sub-good_T1w.nii.gz", 7, 2.0)
+    src = nib.load(good)
+    arr = np.asarray(src.dataobj, dtype=np.float32)
+    ras = nib.orientations.io_orientation(src.affine)
+    si = int(ras[2, 0])  # the array axis that runs inferior-superior
+    keep = [slice(None)] * 3
+    n = arr.shape[si]
+    # cut the top 30% of the field of view: the brain now touches its edge
+    keep[si] = slice(0, int(n * 0.7)) if ras[2, 1] > 0 else slice(int(n * 0.3), n)
+    cut = tmp_path / "sub-cut_T1w.nii.gz"
+    lo = [k.start or 0 for k in keep]
+    aff = src.affine.copy()
+    aff[:3, 3] = src.affine[:3, :3] @ np.asarray(lo) + src.affine[:3, 3]
+    nib.save(nib.Nifti1Image(arr[tuple(keep)], aff), cut)
+    res = run_cli("strip", good, cut, "-o", tmp_path / "out", "-c", fast_cfg, "--device", "cpu")
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = {ln.split(" -> ")[0]: ln for ln in res.stdout.splitlines() if " -> " in ln}
+    qcs = {}
+    for name in ("good", "cut"):
+        [mask] = _outputs(lines[str(tmp_path / f"sub-{name}_T1w.nii.gz")])
+        side = _sidecar(mask)
+        brain_side = _sidecar(Path(str(mask).replace("_desc-brain_mask", "_desc-brain_T1w")))
+        assert side["QC"] == brain_side["QC"]
+        qcs[name] = side["QC"]
+        assert qcs[name]["qc"] in lines[str(tmp_path / f"sub-{name}_T1w.nii.gz")]
+        assert {"qc_tta_dice", "qc_boundary_uncertainty"} <= set(side["QC"]["measures"])
+    assert qcs["good"]["qc"] == "ok", qcs["good"]
+    assert qcs["cut"]["qc"] == "check" and "fov" in qcs["cut"]["reasons"], qcs["cut"]
+    res = run_cli("strip", good, "-o", tmp_path / "noqc", "-c", fast_cfg, "--device", "cpu", "--no-qc")
+    assert res.returncode == 0, res.stderr[-3000:]
+    [mask] = _outputs(res.stdout)
+    assert "QC" not in _sidecar(mask) and "[qc:" not in res.stdout

@@ -32,6 +32,7 @@ class Prepared:
     data: dict  # the chain's output dict: "image" (MetaTensor on the grid) and "native"
     chain: object  # the Compose (its HeadGrid; Invertd can invert through it)
     timings: dict
+    grid_qc: dict | None = None  # the strip network's own measures of this scan (strip_volume(qc=True))
 
     @property
     def grid_image(self):

@@ -146,14 +146,20 @@ def _clean(above: np.ndarray, zooms, border_mm: float) -> np.ndarray:
 
 
 def strip_volume(data, meta, net, cfg: StripConfig, device="cpu", tta: bool = False,
-                 border_mm: float | None = None) -> tuple[np.ndarray, Prepared, dict]:
+                 border_mm: float | None = None, qc: bool = False) -> tuple[np.ndarray, Prepared, dict]:
     """Brain mask (uint8, native grid) for an array read by :func:`volseg.io.load_image`
-    (preprocessed on the grid stored with the network, :func:`for_model`)."""
+    (preprocessed on the grid stored with the network, :func:`for_model`). ``qc``: also the
+    network's own measures of the scan in ``prep.grid_qc`` (:func:`predict_grid_batch_qc`; one
+    more, mirrored, pass without ``tta``)."""
     t0 = time.perf_counter()
     cfg = for_model(cfg, net)
     prep = prepare(data, meta, cfg.preprocess)
     t1 = time.perf_counter()
-    prob = predict_grid(net, prep.grid_image, device, tta=tta)
+    if qc:
+        prob, prep.grid_qc = predict_grid_batch_qc(net, [prep.grid_image], device, tta=tta,
+                                                   threshold=cfg.infer.threshold)[0]
+    else:
+        prob = predict_grid(net, prep.grid_image, device, tta=tta)
     t2 = time.perf_counter()
     mask = mask_from_grid(prob, prep, cfg, border_mm)
     t3 = time.perf_counter()
@@ -163,10 +169,14 @@ def strip_volume(data, meta, net, cfg: StripConfig, device="cpu", tta: bool = Fa
 
 
 def strip_file(path: str, out_dir, net, cfg: StripConfig, device="cpu", tta: bool = False,
-               border_mm: float | None = None) -> dict[str, Path]:
-    """Write ``<id>_desc-brain_mask.nii.gz`` and ``<id>_desc-brain_T1w.nii.gz`` (+ JSON)."""
+               border_mm: float | None = None, qc=None) -> dict[str, Path]:
+    """Write ``<id>_desc-brain_mask.nii.gz`` and ``<id>_desc-brain_T1w.nii.gz`` (+ JSON).
+
+    ``qc``: a function ``(N4 image, mask, meta, network measures) -> dict`` whose result goes
+    into both sidecars as ``QC`` and is returned under ``"qc"`` (``volseg strip`` passes the
+    cohort's self-QC; the strip stage itself does not judge its masks)."""
     data, meta = load_image(path, nonfinite=cfg.preprocess.io.nonfinite)
-    mask, prep, timings = strip_volume(data, meta, net, cfg, device, tta, border_mm)
+    mask, prep, timings = strip_volume(data, meta, net, cfg, device, tta, border_mm, qc=qc is not None)
     if not mask.any():
         from volseg.errors import InputError
 
@@ -182,12 +192,18 @@ def strip_file(path: str, out_dir, net, cfg: StripConfig, device="cpu", tta: boo
                   Inference={"tta": bool(tta), "threshold": cfg.infer.threshold,
                              "border_mm": cfg.infer.border_mm if border_mm is None else border_mm},
                   BrainVolume_mL=round(float(mask.sum()) * vox_ml, 2))
+    checks = None
+    if qc is not None:
+        t0 = time.perf_counter()
+        checks = qc(prep.native, mask, meta, prep.grid_qc)
+        timings["qc_s"] = round(time.perf_counter() - t0, 3)
+        common["QC"] = checks
     with AtomicWriter() as w:
         mask_path = save_output(w, out_dir, "mask", sid, mask, meta, sidecar("mask", meta, cfg.preprocess, **common))
         brain = np.where(mask > 0, data, 0).astype(np.float32)
         brain_path = save_output(w, out_dir, "brain", sid, brain, meta,
                                  sidecar("brain", meta, cfg.preprocess, **common))
-    return {"mask": mask_path, "brain": brain_path, "timings": timings}
+    return {"mask": mask_path, "brain": brain_path, "timings": timings, "qc": checks}
 
 
 __all__ = ["strip_file", "strip_volume", "clean_mask", "to_native", "predict_grid", "predict_grid_batch",
