@@ -270,5 +270,5 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["SuiteCase", "synthetic_cases", "validation_cases", "VALIDATION_OPEN_MS", "real_cases", "Template", "baseline_maps", "run_suite", "markdown",
-           "BASELINES"]
+__all__ = ["SuiteCase", "synthetic_cases", "validation_cases", "VALIDATION_OPEN_MS", "real_cases", "Template",
+           "baseline_maps", "run_suite", "markdown", "BASELINES"]
