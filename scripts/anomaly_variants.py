@@ -41,6 +41,10 @@ VARIANTS = {
     "passes2": {"passes": 2},
     "normative": {"normative": True},
     "normative_median3": {"normative": True, "median_size": 3},
+    "signed": {"residual": "signed"},
+    "signed_median3": {"residual": "signed", "median_size": 3},
+    "signed_median7": {"residual": "signed", "median_size": 7},
+    "signed_normative": {"residual": "signed", "normative": True},
 }
 # masked passes (volseg.anomaly.recon): cube size in 2 mm voxels, 2-phase checkerboard or 8-phase
 # 2x2x2 interleave, fill of the hidden cubes, optional IterMask-style second round
@@ -88,9 +92,10 @@ def main() -> int:
 
     model = load_anomaly_model(args.model)
     base = model.cfg
-    norm = None
-    if any(VARIANTS[v].get("normative") for v in args.variants):
-        model.cfg = dataclasses.replace(base, maps=dataclasses.replace(base.maps, normative=True))
+    norms = {}  # residual kind -> normative statistics (healthy mean and spread of that residual)
+    kinds = sorted({VARIANTS[v].get("residual", base.maps.residual) for v in args.variants
+                    if VARIANTS[v].get("normative")})
+    if kinds:
         cal = []
         if args.on == "test":  # the calibration set: the real validation brain + synthetic brains
             cal.append(Case("T1_brain_c1", image=str(shared / "healthy" / "T1_brain_c1.nii.gz")))
@@ -98,7 +103,9 @@ def main() -> int:
             s = cohort_seed(9000, i)
             d, m, meta = synth_brain(s)
             cal.append(Case(f"synth{s}", arrays=(d, m, None, meta)))
-        norm = calibrate(model, cal)["normative"]
+        for kind in kinds:
+            model.cfg = dataclasses.replace(base, maps=dataclasses.replace(base.maps, normative=True, residual=kind))
+            norms[kind] = calibrate(model, cal)["normative"]
         model.cfg = base
     if args.on == "validation":
         cases = validation_cases(shared, per_family=args.per_family or 3)
@@ -128,7 +135,7 @@ def main() -> int:
                 key_s.setdefault(key, []).append(time.perf_counter() - t0)
             variant_key[name] = key
             res = anomaly_finish(prep, recons[key], model, cfg, voxel_threshold=np.inf,
-                                 normative=norm if v.get("normative") else None)
+                                 normative=norms[cfg.maps.residual] if v.get("normative") else None)
             p = pooled.setdefault(case.group, {}).setdefault(name, ([], []))
             p[0].append(res.map[mask].astype(np.float32)); p[1].append(lesion[mask])
             p = per_brain.setdefault(f"{case.brain} {case.group}", {}).setdefault(name, ([], []))

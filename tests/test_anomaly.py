@@ -172,6 +172,26 @@ def test_residual_map_median_erosion_and_signs():
     assert kept[12, 12, 12] and not kept[2, 2, 2]
 
 
+def test_signed_map_cancels_an_edge_that_changes_sign_and_keeps_a_lesion():
+    rng = np.random.default_rng(0)
+    x = np.ones((40, 40, 40), np.float32)
+    brain = np.zeros_like(x, bool); brain[4:36, 4:36, 4:36] = True
+    recon = x.copy()
+    # a blurred "cortex": the residual changes sign from voxel to voxel (sd 0.4)
+    x[8:16] += 0.4 * rng.standard_normal((8, 40, 40)).astype(np.float32)
+    x[24:30, 20:26, 20:26] = 0.6  # a dark lesion: the residual keeps one sign
+    x[24:30, 10:16, 10:16] = 1.3  # a bright one
+    a = residual_map(x, recon, brain, "abs", 2, 5)
+    s = residual_map(x, recon, brain, "signed", 2, 5)
+    assert a[10:14, 10:30, 10:30].mean() > 0.2  # the median of |r| stays high in the edge band
+    assert s[10:14, 10:30, 10:30].mean() < 0.08  # the signed median cancels most of it
+    assert s[27, 23, 23] == pytest.approx(0.4, abs=1e-5) and s[27, 13, 13] == pytest.approx(0.3, abs=1e-5)
+    assert (s >= 0).all() and (s <= a + 1e-6).all()
+    # it is the larger of the one-sided maps (the median commutes with max(., 0))
+    pos, neg = residual_map(x, recon, brain, "positive", 2, 5), residual_map(x, recon, brain, "negative", 2, 5)
+    np.testing.assert_allclose(s, np.maximum(pos, neg), atol=1e-6)
+
+
 def test_calibration_and_metrics_agree_with_direct_computations():
     from sklearn.metrics import average_precision_score, roc_auc_score
 

@@ -83,7 +83,7 @@ class AETrainConfig(TrainBase):
 
 @dataclass(frozen=True)
 class MapConfig:
-    residual: str = "abs"  # abs | positive (x > reconstruction only) | negative
+    residual: str = "abs"  # abs | positive (x > reconstruction only) | negative | signed (|median(x - x̂)|)
     erode_mm: float = 4.0  # ignore this rim of the brain mask (partial volume with CSF/skull)
     median_size: int = 5  # 3D median filter width in working-grid voxels (0/1: off)
     min_component_voxels: int = 0  # drop connected components of the native mask below this

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from volseg.anomaly.config import AEConfig
-from volseg.anomaly.maps import filter_map, remove_small, residual_map, scan_score, signed_residual
+from volseg.anomaly.maps import filter_map, finish_signed, remove_small, residual_map, scan_score, signed_residual
 from volseg.anomaly.prep import prepare_brain
 from volseg.errors import InputError
 from volseg.io import AtomicWriter, ImageMeta, load_image, scan_id
@@ -132,8 +132,8 @@ def anomaly_finish(prep, recon: np.ndarray, model: AnomalyModel, cfg: AEConfig |
         from volseg.anomaly.normative import normalise
 
         mean, std = normative.on(g, prep.grid_mask, transform)
-        z = normalise(signed_residual(g, recon, mc.residual), mean, std)
-        gmap = filter_map(z, prep.grid_mask, erode, mc.median_size)
+        z = normalise(signed_residual(g, recon, mc.residual), mean, std, signed=mc.residual == "signed")
+        gmap = finish_signed(filter_map(z, prep.grid_mask, erode, mc.median_size), mc.residual)
     else:
         gmap = residual_map(g, recon, prep.grid_mask, mc.residual, erode, mc.median_size)
     score = scan_score(gmap[prep.grid_mask], cfg.calibration.score_top_percent)

@@ -1,4 +1,5 @@
-"""Residual anomaly maps: |x - x̂| inside the eroded brain, 3D median filtered."""
+"""Residual anomaly maps: |x - x̂| inside the eroded brain, 3D median filtered (or the signed
+residual filtered first and its magnitude taken after, ``residual="signed"``)."""
 
 from __future__ import annotations
 
@@ -25,15 +26,18 @@ def brain_bbox(mask: np.ndarray, margin: int = 0, multiple: int = 1, shape=None)
 
 def signed_residual(x: np.ndarray, recon: np.ndarray, kind: str = "abs") -> np.ndarray:
     """``"abs"`` |x - x̂|, ``"positive"`` max(x - x̂, 0) (brighter than expected), ``"negative"``
-    max(x̂ - x, 0) (darker than expected)."""
+    max(x̂ - x, 0) (darker than expected), ``"signed"`` x - x̂ itself (:func:`residual_map` takes
+    its magnitude after the median filter)."""
     d = np.asarray(x, np.float32) - np.asarray(recon, np.float32)
+    if kind == "signed":
+        return d
     if kind == "abs":
         return np.abs(d)
     if kind == "positive":
         return np.maximum(d, 0)
     if kind == "negative":
         return np.maximum(-d, 0)
-    raise ValueError(f"residual must be abs, positive or negative, got {kind!r}")
+    raise ValueError(f"residual must be abs, positive, negative or signed, got {kind!r}")
 
 
 def filter_map(r: np.ndarray, brain_mask: np.ndarray, erode_vox: int = 2, median_size: int = 5) -> np.ndarray:
@@ -52,8 +56,20 @@ def filter_map(r: np.ndarray, brain_mask: np.ndarray, erode_vox: int = 2, median
 
 def residual_map(x: np.ndarray, recon: np.ndarray, brain_mask: np.ndarray, residual: str = "abs",
                  erode_vox: int = 2, median_size: int = 5) -> np.ndarray:
-    """The anomaly map on the working grid: :func:`signed_residual` through :func:`filter_map`."""
-    return filter_map(signed_residual(x, recon, residual), brain_mask, erode_vox, median_size)
+    """The anomaly map on the working grid: :func:`signed_residual` through :func:`filter_map`.
+
+    ``"signed"`` filters x - x̂ and then takes its magnitude, |median(x - x̂)|: where the
+    reconstruction only blurs an edge (cortex, ventricle borders) the residual changes sign from
+    voxel to voxel and the median cancels it, while a lesion's residual keeps one sign. Since the
+    median commutes with monotone maps this equals the larger of the ``"positive"`` and
+    ``"negative"`` maps, and it is never above the ``"abs"`` map."""
+    return finish_signed(filter_map(signed_residual(x, recon, residual), brain_mask, erode_vox, median_size),
+                         residual)
+
+
+def finish_signed(filtered: np.ndarray, residual: str) -> np.ndarray:
+    """The magnitude of a filtered ``"signed"`` residual; other residual kinds pass through."""
+    return np.abs(filtered) if residual == "signed" else filtered
 
 
 def remove_small(mask: np.ndarray, min_voxels: int) -> np.ndarray:
@@ -77,4 +93,4 @@ def scan_score(values: np.ndarray, top_percent: float = 1.0) -> float:
     return float(np.partition(v, v.size - k)[v.size - k:].mean())
 
 
-__all__ = ["residual_map", "signed_residual", "filter_map", "remove_small", "scan_score", "brain_bbox"]
+__all__ = ["residual_map", "signed_residual", "finish_signed", "filter_map", "remove_small", "scan_score", "brain_bbox"]

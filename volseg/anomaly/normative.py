@@ -107,9 +107,11 @@ def to_template(arr: np.ndarray, transform, template_shape, spacing_mm: float, o
     return warp(arr, transform.GetInverse(), template_shape, spacing_mm, order=order)
 
 
-def normalise(residual: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """``max(r - mean, 0) / std``."""
-    return (np.maximum(residual - mean, 0.0) / std).astype(np.float32)
+def normalise(residual: np.ndarray, mean: np.ndarray, std: np.ndarray, signed: bool = False) -> np.ndarray:
+    """``max(r - mean, 0) / std``; with ``signed`` (a signed residual x - x̂) ``(r - mean) / std``,
+    so that darker-than-expected voxels keep their negative sign for the median filter."""
+    z = residual - mean
+    return ((z if signed else np.maximum(z, 0.0)) / std).astype(np.float32)
 
 
 __all__ = ["Normative", "NORMATIVE_FILE", "mni_template", "estimate", "to_template", "normalise"]
