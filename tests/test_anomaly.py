@@ -192,6 +192,85 @@ def test_signed_map_cancels_an_edge_that_changes_sign_and_keeps_a_lesion():
     np.testing.assert_allclose(s, np.maximum(pos, neg), atol=1e-6)
 
 
+def test_threaded_median_and_multiscale_maps_agree_with_direct_computations():
+    from scipy import ndimage as ndi
+
+    from volseg.anomaly.maps import filter_map, filter_scales, median_filter
+
+    rng = np.random.default_rng(3)
+    r = rng.standard_normal((23, 19, 17)).astype(np.float32)
+    for size in (3, 5, 9):  # slabs computed at once give scipy's numbers exactly
+        np.testing.assert_array_equal(median_filter(r, size), ndi.median_filter(r, size=size, mode="constant"))
+    brain = np.zeros((56, 56, 56), bool); brain[2:54, 2:54, 2:54] = True
+    d = np.where(brain, 0.1 * rng.standard_normal(brain.shape), 0).astype(np.float32)
+    lesions = np.zeros_like(brain)
+    d[10:22, 10:22, 10:22] += 0.12; lesions[10:22, 10:22, 10:22] = True  # a large low-contrast lesion
+    d[38:43, 38:43, 38:43] -= 0.8; lesions[38:43, 38:43, 38:43] = True  # a small strong one
+    one = filter_scales(d, brain, 2, (5,), None, "signed")
+    np.testing.assert_array_equal(one, np.abs(filter_map(d, brain, 2, 5)))
+    m5, m9 = np.abs(filter_map(d, brain, 2, 5)), np.abs(filter_map(d, brain, 2, 9))
+    both = filter_scales(d, brain, 2, (5, 9), (1.0, 1.5), "signed")
+    np.testing.assert_allclose(both, np.maximum(m5, 1.5 * m9), rtol=1e-6)
+    with pytest.raises(ValueError, match="gains"):
+        filter_scales(d, brain, 2, (5, 9), (1.0,), "signed")
+    # the large width quiets healthy noise more than it weakens the large lesion
+    healthy = (ndi.distance_transform_edt(~lesions) > 8) & (ndi.distance_transform_edt(brain) > 7)
+    core = np.zeros_like(brain); core[13:19, 13:19, 13:19] = True
+    assert m9[core].mean() / np.quantile(m9[healthy], 0.999) > 1.5 * m5[core].mean() / np.quantile(m5[healthy], 0.999)
+    assert both[40, 40, 40] > 0.6  # and the small strong lesion survives through the small width
+    assert m9[40, 40, 40] < 0.2  # which the wide one alone would lose
+
+
+def test_multiscale_calibration_sets_gains_and_a_changed_gain_changes_the_map_fingerprint(tmp_path):
+    import dataclasses
+
+    from volseg.anomaly.evaluate import Case, calibrate
+    from volseg.anomaly.infer import anomaly_volume, load_anomaly_model, load_brain_input
+    from volseg.anomaly.train import export_weights
+    from volseg.cohort.stages import Context, anomaly_identity
+    from volseg.config import config_to_dict
+    from volseg.nets.autoencoder import ConvAutoencoder
+    from volseg.strip.config import StripConfig
+
+    cfg = _tiny_cfg(tmp_path)
+    cfg = dataclasses.replace(cfg, maps=dataclasses.replace(cfg.maps, residual="signed", median_sizes=(3, 7)))
+    torch.manual_seed(0)
+    net = ConvAutoencoder(1, cfg.net.channels, cfg.net.bottleneck)
+    export_weights(net, cfg, tmp_path / "model", {"config": config_to_dict(cfg)})
+    model = load_anomaly_model(tmp_path / "model")
+    assert model.cfg.maps.median_sizes == (3, 7)
+    cases = []
+    for seed in (40, 41):
+        p, m = _brain_file(tmp_path, seed=seed, name=f"b{seed}")
+        data, mask, meta = load_brain_input(p, m)
+        cases.append(Case(f"h{seed}", arrays=(data, mask, None, meta)))
+    cal = calibrate(model, cases)
+    g, q = cal["scale_gains"], cal["scale_thresholds"]
+    assert set(g) == {"3", "7"} and g["3"] == 1.0
+    assert g["7"] == pytest.approx(q["3"] / q["7"]) and g["7"] > 1  # the wider median is quieter on healthy tissue
+    data, mask, _, meta = cases[0].load()
+    model.calibration = dict(cal)
+    res = anomaly_volume(data, mask, meta, model, voxel_threshold=np.inf)
+    assert res.info["ScaleGains"] == pytest.approx(g)
+    # pooled over the calibration brains, the stated share of healthy voxels is above the threshold
+    vals = np.concatenate([anomaly_volume(d, m, mt, model, voxel_threshold=np.inf).map[m]
+                           for d, m, _, mt in (c.load() for c in cases)])
+    assert (vals > cal["voxel_threshold"]).mean() == pytest.approx(cal["voxel_fpr"], abs=5e-4)
+
+    def fps(calibration):
+        model.calibration = calibration
+        ctx = Context(stages=("n4", "strip", "anomaly"), cfg=StripConfig())
+        ctx.models["strip"] = {"sha256": "s"}
+        ctx.models["anomaly"] = anomaly_identity(model)
+        return ctx.fingerprints()
+
+    base = fps(dict(cal))
+    thr = fps(dict(cal, voxel_threshold=cal["voxel_threshold"] * 2))
+    gain = fps(dict(cal, scale_gains={"3": 1.0, "7": g["7"] * 1.1}))
+    assert thr["anomaly_map"] == base["anomaly_map"] and thr["anomaly_mask"] != base["anomaly_mask"]
+    assert gain["anomaly_map"] != base["anomaly_map"] and gain["mask"] == base["mask"]
+
+
 def test_calibration_and_metrics_agree_with_direct_computations():
     from sklearn.metrics import average_precision_score, roc_auc_score
 

@@ -86,6 +86,10 @@ class MapConfig:
     residual: str = "abs"  # abs | positive (x > reconstruction only) | negative | signed (|median(x - x̂)|)
     erode_mm: float = 4.0  # ignore this rim of the brain mask (partial volume with CSF/skull)
     median_size: int = 5  # 3D median filter width in working-grid voxels (0/1: off)
+    # several widths: a multi-scale map, max over the widths of gain * filtered residual, the gains
+    # set by `volseg calibrate` (healthy voxel threshold of the first width / that of each width);
+    # empty: median_size alone
+    median_sizes: tuple[int, ...] = ()
     min_component_voxels: int = 0  # drop connected components of the native mask below this
     n4: bool = True  # N4 inside the brain mask before the grid (off when the image is already corrected)
     passes: int = 1  # network passes, each fed the previous reconstruction inside the brain

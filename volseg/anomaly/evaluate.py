@@ -102,10 +102,18 @@ def calibrate(model: AnomalyModel, cases: list[Case], fpr: float | None = None,
     percentile = cc.scan_percentile if percentile is None else percentile
     values, scores, per = [], [], {}
     extra = {}
+    from volseg.anomaly.infer import median_sizes
+
+    multiscale = len(median_sizes(model.cfg.maps)) > 1
     if model.cfg.maps.normative:
+        if multiscale:
+            raise ValueError("calibration of maps.normative with several maps.median_sizes is not supported")
         results, norm = _normative_loo(model, cases)
         extra = {"normative": norm, "normative_brains": len(cases),
                  "normative_sigma_mm": model.cfg.maps.normative_sigma_mm}
+    elif multiscale:
+        results, gains, quantiles = _multiscale(model, cases, fpr)
+        extra = {"scale_gains": gains, "scale_thresholds": quantiles}
     else:
         results = _plain(model, cases)
     for case, mask, res in results:
@@ -132,6 +140,38 @@ def _plain(model: AnomalyModel, cases: list[Case]):
 def _arrays(case: Case):
     data, mask, _, meta = case.load()
     return data, mask, meta
+
+
+def _multiscale(model: AnomalyModel, cases: list[Case], fpr: float):
+    """(case, mask, result) per case for a multi-scale map, with the gains that put its scales on
+    one footing: each width's healthy voxel threshold q_s (pooled over ``cases``, this ``fpr``),
+    gain_s = q_first / q_s. Returns the results, the gains and the q_s (keyed by width)."""
+    import dataclasses
+
+    from volseg.anomaly.infer import anomaly_finish, anomaly_prepare, median_sizes
+    from volseg.anomaly.recon import recon_options, reconstruct
+
+    cfg = model.cfg
+    sizes = median_sizes(cfg.maps)
+    items, values = [], {s: [] for s in sizes}
+    for case in cases:
+        data, mask, meta = _arrays(case)
+        prep = anomaly_prepare(data, mask, meta, model)
+        recon = reconstruct(model.net, prep.grid_image[0].numpy(), prep.grid_mask, model.device,
+                            **recon_options(cfg.maps))
+        for s in sizes:
+            one = dataclasses.replace(cfg, maps=dataclasses.replace(cfg.maps, median_sizes=(s,)))
+            res = anomaly_finish(prep, recon, model, one, voxel_threshold=np.inf, scale_gains=[1.0])
+            values[s].append(res.map[mask].astype(np.float32))
+        items.append((case, mask, prep, recon))
+    q = {s: voxel_threshold(np.concatenate(values.pop(s)), fpr) for s in sizes}
+    if min(q.values()) <= 0:
+        raise ValueError(f"a median width leaves no healthy residual above 0 (thresholds {q}): "
+                         "cannot scale the widths against each other")
+    gains = [q[sizes[0]] / q[s] for s in sizes]
+    out = [(case, mask, anomaly_finish(prep, recon, model, voxel_threshold=np.inf, scale_gains=gains))
+           for case, mask, prep, recon in items]
+    return out, {str(s): g for s, g in zip(sizes, gains)}, {str(s): float(v) for s, v in q.items()}
 
 
 def _normative_loo(model: AnomalyModel, cases: list[Case]):

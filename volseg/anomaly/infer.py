@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from volseg.anomaly.config import AEConfig
-from volseg.anomaly.maps import filter_map, finish_signed, remove_small, residual_map, scan_score, signed_residual
+from volseg.anomaly.maps import filter_scales, remove_small, scan_score, signed_residual
 from volseg.anomaly.prep import prepare_brain
 from volseg.errors import InputError
 from volseg.io import AtomicWriter, ImageMeta, load_image, scan_id
@@ -117,11 +117,13 @@ def anomaly_prepare(data: np.ndarray, brain_mask: np.ndarray, meta: ImageMeta, m
 
 def anomaly_finish(prep, recon: np.ndarray, model: AnomalyModel, cfg: AEConfig | None = None,
                    voxel_threshold: float | None = None, recon_s: float = 0.0, batch: int = 1,
-                   normative=None, transform=None) -> AnomalyResult:
+                   normative=None, transform=None, scale_gains=None) -> AnomalyResult:
     """Map, mask and score of one prepared brain from its reconstruction on the working grid
     (``recon_s``: its share of the network's time; ``batch``: how many brains shared the pass).
     With ``maps.normative`` the residual is put in units of the healthy spread at each template
-    location (``normative``: default the model's; ``transform``: a registration already made)."""
+    location (``normative``: default the model's; ``transform``: a registration already made).
+    With several ``maps.median_sizes`` the map is multi-scale (:func:`~volseg.anomaly.maps.filter_scales`)
+    with the calibration's gains (``scale_gains``: other gains, one per size)."""
     cfg = cfg or model.cfg
     mc = cfg.maps
     t2 = time.perf_counter()
@@ -132,10 +134,12 @@ def anomaly_finish(prep, recon: np.ndarray, model: AnomalyModel, cfg: AEConfig |
         from volseg.anomaly.normative import normalise
 
         mean, std = normative.on(g, prep.grid_mask, transform)
-        z = normalise(signed_residual(g, recon, mc.residual), mean, std, signed=mc.residual == "signed")
-        gmap = finish_signed(filter_map(z, prep.grid_mask, erode, mc.median_size), mc.residual)
+        r = normalise(signed_residual(g, recon, mc.residual), mean, std, signed=mc.residual == "signed")
     else:
-        gmap = residual_map(g, recon, prep.grid_mask, mc.residual, erode, mc.median_size)
+        r = signed_residual(g, recon, mc.residual)
+    sizes = median_sizes(mc)
+    gains = scale_gains if scale_gains is not None else model_scale_gains(model, sizes)
+    gmap = filter_scales(r, prep.grid_mask, erode, sizes, gains, mc.residual)
     score = scan_score(gmap[prep.grid_mask], cfg.calibration.score_top_percent)
     t3 = time.perf_counter()
     mask = prep.mask
@@ -151,11 +155,24 @@ def anomaly_finish(prep, recon: np.ndarray, model: AnomalyModel, cfg: AEConfig |
                    total_s=round(prep_s + recon_s + t4 - t2, 3))
     info = {"Model": {"sha256": model.info.get("sha256"), "net": model.info.get("net"), "kind": "ae"},
             **calib, "Maps": {k: getattr(mc, k) for k in mc.__dataclass_fields__},
+            **({"ScaleGains": dict(zip(map(str, sizes), gains))} if len(sizes) > 1 else {}),
             "IntensityScale": {"low": low, "white_matter": wm},
             "ScanScore": score, "ScanScoreDefinition": f"mean of the top {cfg.calibration.score_top_percent}% "
                                                        "of anomaly-map values in the brain on the 2 mm grid"}
     return AnomalyResult(map=amap, mask=amask, score=score, flag=flag,
                          timings=timings, info=info, grid_map=gmap, grid_recon=recon, prep=prep)
+
+
+def median_sizes(maps) -> tuple[int, ...]:
+    """The median filter widths of a map setting (``median_sizes``, else ``median_size`` alone)."""
+    return tuple(int(s) for s in maps.median_sizes) or (int(maps.median_size),)
+
+
+def model_scale_gains(model: AnomalyModel, sizes) -> list[float]:
+    """The calibration's gain per median width (``scale_gains``), 1 for a width it has none for
+    (one width, or an uncalibrated model)."""
+    stored = (model.calibration or {}).get("scale_gains") or {}
+    return [float(stored.get(str(s), 1.0)) for s in sizes]
 
 
 def apply_calibration(amap: np.ndarray, brain: np.ndarray, score: float, model: AnomalyModel,
@@ -234,5 +251,5 @@ def anomaly_file(path, out_dir, model: AnomalyModel, mask_path=None, strip=None)
 
 
 __all__ = ["AnomalyModel", "AnomalyResult", "load_anomaly_model", "anomaly_volume", "anomaly_prepare",
-           "anomaly_finish", "apply_calibration", "anomaly_file",
+           "anomaly_finish", "apply_calibration", "median_sizes", "model_scale_gains", "anomaly_file",
            "write_anomaly", "load_brain_input"]

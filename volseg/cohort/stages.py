@@ -161,7 +161,9 @@ def build_context(stages, cfg, device="cpu", tta=False, border_mm=None, figures=
 def anomaly_identity(model) -> dict:
     """Everything of an anomaly model folder that changes a map, a mask or a flag: a retrained or
     recalibrated model makes a rerun recompute what it affects. ``calibration`` and
-    ``min_component_voxels`` change only the anomaly mask and the flag."""
+    ``min_component_voxels`` change only the anomaly mask and the flag, except the parts of a
+    calibration that shape the map itself (``map_calibration``: a multi-scale map's gains, the
+    normative statistics in use), which change the map."""
     from volseg.config import config_to_dict
 
     info = getattr(model, "info", None) or {}
@@ -170,9 +172,16 @@ def anomaly_identity(model) -> dict:
     settings = ({k: v for k, v in config_to_dict(cfg).items() if k in keep}
                 if dataclasses.is_dataclass(cfg) else {})
     maps = settings.get("maps", {})
+    calib = dict(getattr(model, "calibration", None) or {})
+    map_calib = {"scale_gains": calib.pop("scale_gains", None), "scale_thresholds": calib.pop("scale_thresholds", None)}
+    norm = getattr(model, "normative", None)
+    if norm is not None:  # the statistics themselves (a recalibration rewrites them)
+        map_calib["normative"] = hashlib.sha256(b"".join(
+            np.ascontiguousarray(getattr(norm, k)).tobytes() for k in ("mean", "std") if hasattr(norm, k))).hexdigest()[:16]
     return {"sha256": info.get("sha256"), "net": info.get("net"),
             "settings": {**settings, "maps": {k: v for k, v in maps.items() if k != "min_component_voxels"}},
-            "calibration": getattr(model, "calibration", None),
+            "map_calibration": map_calib,
+            "calibration": calib if getattr(model, "calibration", None) is not None else None,
             "min_component_voxels": maps.get("min_component_voxels")}
 
 
