@@ -34,7 +34,10 @@ else
     RUN=runs/ae
 fi
 echo "shipping $RUN/best (validation AUPRC $(best $RUN/best))"
-.venv/bin/volseg calibrate "$VOLSEG_SHARED_DATA/healthy/T1_brain_c1.nii.gz" --synth 8 --model "$RUN/best" -o "$RUN/best"
+# the map: the signed residual at median widths 5 and 9 (multi-scale), chosen on validation cases
+# (scripts/anomaly_variants.py --on validation, MODEL_CARD.md); calibrate sets the widths' gains
+.venv/bin/volseg calibrate "$VOLSEG_SHARED_DATA/healthy/T1_brain_c1.nii.gz" --synth 8 --model "$RUN/best" -o "$RUN/best" \
+    --maps residual=signed --maps 'median_sizes=[5, 9]'
 cp "$RUN/learning_curve.png" "$RUN/best/"
 "$PY" scripts/anomaly_suite.py --model "$RUN/best" -o runs/ae/suite
 mkdir -p volseg/models/ae

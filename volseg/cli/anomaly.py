@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def cmd_calibrate(args) -> int:
     from volseg.nets.folder import PACKAGE_MODELS, copy_model_folder
 
     model = _model(args, require_calibration=False)
+    maps = _map_settings(model, args.maps or [])
     dest = args.output
     if dest is None:
         if Path(model.model_dir).resolve().is_relative_to(PACKAGE_MODELS.resolve()):
@@ -90,10 +92,44 @@ def cmd_calibrate(args) -> int:
     _warn_training_brains(model, brains)
     calib = calibrate(model, cases, fpr=args.fpr, percentile=args.percentile)
     out = copy_model_folder(model.model_dir, dest, calib)
+    if maps:
+        from volseg.nets.folder import MODEL_FILE
+
+        info = json.loads((out / MODEL_FILE).read_text())
+        info.setdefault("config", {})["maps"] = maps
+        tmp = out / f".{MODEL_FILE}.tmp"
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+        tmp.replace(out / MODEL_FILE)
     print(f"voxel threshold {calib['voxel_threshold']:.4f} (healthy FPR {calib['voxel_fpr']}), scan threshold "
           f"{calib['scan_threshold']:.4f} ({calib['scan_percentile']}th percentile of {len(cases)} healthy scans) "
           f"-> model folder {out}")
     return EXIT_OK
+
+
+def _map_settings(model, pairs: list[str]) -> dict:
+    """Apply ``--maps KEY=VALUE`` (YAML values) to the model's map settings in place; the new
+    ``maps`` section for the calibrated folder's model.json ({} when none were given)."""
+    if not pairs:
+        return {}
+    import dataclasses
+
+    import yaml
+
+    from volseg.anomaly.config import AEConfig
+    from volseg.config import config_from_dict, config_to_dict
+
+    data = config_to_dict(model.cfg)
+    for kv in pairs:
+        key, sep, value = kv.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--maps {kv!r}: expected KEY=VALUE, e.g. median_sizes=[5,9]")
+        data["maps"][key.strip()] = yaml.safe_load(value)
+    try:
+        cfg = config_from_dict(data, AEConfig, source="--maps")
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+    model.cfg = dataclasses.replace(model.cfg, maps=cfg.maps)
+    return config_to_dict(cfg)["maps"]
 
 
 def _given(args) -> str:
@@ -202,6 +238,9 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", type=Path, default=None,
                    help="folder of the calibrated model: weights, model.json and calibration.json (default: the "
                         "--model folder itself; required for the shipped model)")
+    p.add_argument("--maps", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a map setting of the calibrated model, e.g. --maps residual=signed --maps "
+                        "median_sizes=[5,9] (written into the output folder's model.json)")
     p.add_argument("--device", default="auto", type=device_name, help="auto, cpu or cuda")
     set_command(p, cmd_calibrate)
 
