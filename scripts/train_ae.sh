@@ -34,10 +34,11 @@ else
     RUN=runs/ae
 fi
 echo "shipping $RUN/best (validation AUPRC $(best $RUN/best))"
-# the map: the signed residual at median widths 5 and 9 (multi-scale), chosen on validation cases
-# (scripts/anomaly_variants.py --on validation, MODEL_CARD.md); calibrate sets the widths' gains
+# the map: |x - x̂| median-filtered over 5^3 and the signed residual over 9^3 (multi-scale, the
+# larger of the two after calibrate scales the second by the ratio of their healthy thresholds),
+# chosen on validation cases (MODEL_CARD.md)
 .venv/bin/volseg calibrate "$VOLSEG_SHARED_DATA/healthy/T1_brain_c1.nii.gz" --synth 8 --model "$RUN/best" -o "$RUN/best" \
-    --maps residual=signed --maps 'median_sizes=[5, 9]'
+    --maps 'median_sizes=[5, 9]' --maps 'scale_residuals=[abs, signed]'
 cp "$RUN/learning_curve.png" "$RUN/best/"
 "$PY" scripts/anomaly_suite.py --model "$RUN/best" -o runs/ae/suite
 mkdir -p volseg/models/ae

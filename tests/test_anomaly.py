@@ -213,6 +213,9 @@ def test_threaded_median_and_multiscale_maps_agree_with_direct_computations():
     np.testing.assert_allclose(both, np.maximum(m5, 1.5 * m9), rtol=1e-6)
     with pytest.raises(ValueError, match="gains"):
         filter_scales(d, brain, 2, (5, 9), (1.0,), "signed")
+    # one residual kind per width: |r| at the small width, the signed residual at the large one
+    mixed = filter_scales([np.abs(d), d], brain, 2, (5, 9), (1.0, 1.5), ["abs", "signed"])
+    np.testing.assert_allclose(mixed, np.maximum(filter_map(np.abs(d), brain, 2, 5), 1.5 * m9), rtol=1e-6)
     # the large width quiets healthy noise more than it weakens the large lesion
     healthy = (ndi.distance_transform_edt(~lesions) > 8) & (ndi.distance_transform_edt(brain) > 7)
     core = np.zeros_like(brain); core[13:19, 13:19, 13:19] = True

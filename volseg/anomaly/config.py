@@ -90,6 +90,8 @@ class MapConfig:
     # set by `volseg calibrate` (healthy voxel threshold of the first width / that of each width);
     # empty: median_size alone
     median_sizes: tuple[int, ...] = ()
+    # the residual kind of each width (abs | positive | negative | signed); empty: `residual` for all
+    scale_residuals: tuple[str, ...] = ()
     min_component_voxels: int = 0  # drop connected components of the native mask below this
     n4: bool = True  # N4 inside the brain mask before the grid (off when the image is already corrected)
     passes: int = 1  # network passes, each fed the previous reconstruction inside the brain

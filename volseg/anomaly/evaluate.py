@@ -148,19 +148,20 @@ def _multiscale(model: AnomalyModel, cases: list[Case], fpr: float):
     gain_s = q_first / q_s. Returns the results, the gains and the q_s (keyed by width)."""
     import dataclasses
 
-    from volseg.anomaly.infer import anomaly_finish, anomaly_prepare, median_sizes
+    from volseg.anomaly.infer import anomaly_finish, anomaly_prepare, median_sizes, scale_residuals
     from volseg.anomaly.recon import recon_options, reconstruct
 
     cfg = model.cfg
-    sizes = median_sizes(cfg.maps)
+    sizes, kinds = median_sizes(cfg.maps), scale_residuals(cfg.maps)
     items, values = [], {s: [] for s in sizes}
     for case in cases:
         data, mask, meta = _arrays(case)
         prep = anomaly_prepare(data, mask, meta, model)
         recon = reconstruct(model.net, prep.grid_image[0].numpy(), prep.grid_mask, model.device,
                             **recon_options(cfg.maps))
-        for s in sizes:
-            one = dataclasses.replace(cfg, maps=dataclasses.replace(cfg.maps, median_sizes=(s,)))
+        for s, kind in zip(sizes, kinds):
+            maps = dataclasses.replace(cfg.maps, median_sizes=(s,), scale_residuals=(kind,))
+            one = dataclasses.replace(cfg, maps=maps)
             res = anomaly_finish(prep, recon, model, one, voxel_threshold=np.inf, scale_gains=[1.0])
             values[s].append(res.map[mask].astype(np.float32))
         items.append((case, mask, prep, recon))

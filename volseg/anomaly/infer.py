@@ -130,16 +130,17 @@ def anomaly_finish(prep, recon: np.ndarray, model: AnomalyModel, cfg: AEConfig |
     g = prep.grid_image[0].numpy()
     erode = int(round(mc.erode_mm / cfg.preprocess.grid.spacing_mm))
     normative = normative if normative is not None else model.normative
+    sizes, kinds = median_sizes(mc), scale_residuals(mc)
+    rs = {k: signed_residual(g, recon, k) for k in set(kinds)}
     if mc.normative and normative is not None:
         from volseg.anomaly.normative import normalise
 
+        if set(kinds) != {mc.residual}:
+            raise ValueError("maps.normative needs one residual kind (maps.residual) for every width")
         mean, std = normative.on(g, prep.grid_mask, transform)
-        r = normalise(signed_residual(g, recon, mc.residual), mean, std, signed=mc.residual == "signed")
-    else:
-        r = signed_residual(g, recon, mc.residual)
-    sizes = median_sizes(mc)
+        rs = {mc.residual: normalise(rs[mc.residual], mean, std, signed=mc.residual == "signed")}
     gains = scale_gains if scale_gains is not None else model_scale_gains(model, sizes)
-    gmap = filter_scales(r, prep.grid_mask, erode, sizes, gains, mc.residual)
+    gmap = filter_scales([rs[k] for k in kinds], prep.grid_mask, erode, sizes, gains, list(kinds))
     score = scan_score(gmap[prep.grid_mask], cfg.calibration.score_top_percent)
     t3 = time.perf_counter()
     mask = prep.mask
@@ -165,7 +166,22 @@ def anomaly_finish(prep, recon: np.ndarray, model: AnomalyModel, cfg: AEConfig |
 
 def median_sizes(maps) -> tuple[int, ...]:
     """The median filter widths of a map setting (``median_sizes``, else ``median_size`` alone)."""
-    return tuple(int(s) for s in maps.median_sizes) or (int(maps.median_size),)
+    sizes = tuple(int(s) for s in maps.median_sizes) or (int(maps.median_size),)
+    if len(set(sizes)) != len(sizes):
+        raise ValueError(f"maps.median_sizes repeats a width: {list(sizes)}")
+    return sizes
+
+
+def scale_residuals(maps) -> tuple[str, ...]:
+    """The residual kind of each median width (``scale_residuals``, else ``residual`` for all)."""
+    n = len(median_sizes(maps))
+    kinds = tuple(maps.scale_residuals) or (maps.residual,) * n
+    if len(kinds) != n:
+        raise ValueError(f"maps.scale_residuals has {len(kinds)} kinds for {n} median widths")
+    bad = [k for k in kinds if k not in ("abs", "positive", "negative", "signed")]
+    if bad:
+        raise ValueError(f"maps.scale_residuals: {bad[0]!r} is not abs, positive, negative or signed")
+    return kinds
 
 
 def model_scale_gains(model: AnomalyModel, sizes) -> list[float]:
@@ -251,5 +267,5 @@ def anomaly_file(path, out_dir, model: AnomalyModel, mask_path=None, strip=None)
 
 
 __all__ = ["AnomalyModel", "AnomalyResult", "load_anomaly_model", "anomaly_volume", "anomaly_prepare",
-           "anomaly_finish", "apply_calibration", "median_sizes", "model_scale_gains", "anomaly_file",
+           "anomaly_finish", "apply_calibration", "median_sizes", "scale_residuals", "model_scale_gains", "anomaly_file",
            "write_anomaly", "load_brain_input"]

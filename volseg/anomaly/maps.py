@@ -75,23 +75,27 @@ def median_filter(r: np.ndarray, size: int, threads: int = 2) -> np.ndarray:
     return out
 
 
-def filter_scales(r: np.ndarray, brain_mask: np.ndarray, erode_vox: int, sizes, gains=None,
-                  residual: str = "abs") -> np.ndarray:
-    """A map from a residual ``r`` filtered at one or more median sizes: ``max_s(gain_s * m_s)``.
+def filter_scales(r, brain_mask: np.ndarray, erode_vox: int, sizes, gains=None, residual="abs") -> np.ndarray:
+    """A map from a residual filtered at one or more median widths: ``max_s(gain_s * m_s)``.
 
-    With one size this is :func:`filter_map` (and the magnitude for ``"signed"``). With several
-    (multi-scale), a small filter keeps small lesions and a large one lets low-contrast lesions
-    rise above the healthy residual, which the larger median averages down more. ``gains`` put the
-    scales on one footing: ``volseg calibrate`` sets gain_s = q_first / q_s, with q_s the healthy
-    voxel threshold of scale s alone, so each scale counts as anomalous where it is as far above
-    healthy tissue as the first one is (gains default to 1: an uncalibrated model)."""
+    ``r``: one residual for every width, or a list with one per width; ``residual``: its kind
+    (:func:`signed_residual`), one for all or a list with one per width. With one width this is
+    :func:`filter_map` (and the magnitude for ``"signed"``). With several (multi-scale), a small
+    filter keeps small lesions and a large one lets low-contrast lesions rise above the healthy
+    residual, which the larger median averages down more. ``gains`` put the widths on one footing:
+    ``volseg calibrate`` sets gain_s = q_first / q_s, with q_s the healthy voxel threshold of width s
+    alone, so each width counts as anomalous where it is as far above healthy tissue as the first
+    one is (gains default to 1: an uncalibrated model)."""
     sizes = [int(s) for s in sizes]
-    gains = [1.0] * len(sizes) if gains is None else [float(g) for g in gains]
-    if len(gains) != len(sizes):
-        raise ValueError(f"{len(sizes)} median sizes but {len(gains)} gains")
+    n = len(sizes)
+    gains = [1.0] * n if gains is None else [float(g) for g in gains]
+    rs = list(r) if isinstance(r, (list, tuple)) else [r] * n
+    kinds = [residual] * n if isinstance(residual, str) else list(residual)
+    if not (len(gains) == len(rs) == len(kinds) == n):
+        raise ValueError(f"{n} median sizes but {len(gains)} gains, {len(rs)} residuals, {len(kinds)} kinds")
     out = None
-    for size, gain in zip(sizes, gains):
-        m = finish_signed(filter_map(r, brain_mask, erode_vox, size), residual)
+    for size, gain, ri, kind in zip(sizes, gains, rs, kinds):
+        m = finish_signed(filter_map(ri, brain_mask, erode_vox, size), kind)
         if gain != 1.0:
             m = (m * np.float32(gain)).astype(np.float32)
         out = m if out is None else np.maximum(out, m)
