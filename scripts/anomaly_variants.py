@@ -45,6 +45,12 @@ VARIANTS = {
     "signed_median3": {"residual": "signed", "median_size": 3},
     "signed_median7": {"residual": "signed", "median_size": 7},
     "signed_normative": {"residual": "signed", "normative": True},
+    # multi-scale maps: the larger of the widths' maps, each scaled by the ratio of healthy
+    # thresholds (gains from the --synth synthetic brains, as volseg calibrate sets them)
+    "signed_ms5_9": {"residual": "signed", "median_sizes": (5, 9)},
+    "signed_ms5_7_9": {"residual": "signed", "median_sizes": (5, 7, 9)},
+    "signed_ms3_5_9": {"residual": "signed", "median_sizes": (3, 5, 9)},
+    "abs5_signed9": {"median_sizes": (5, 9), "scale_residuals": ("abs", "signed")},
 }
 # masked passes (volseg.anomaly.recon): cube size in 2 mm voxels, 2-phase checkerboard or 8-phase
 # 2x2x2 interleave, fill of the hidden cubes, optional IterMask-style second round
@@ -107,6 +113,19 @@ def main() -> int:
             model.cfg = dataclasses.replace(base, maps=dataclasses.replace(base.maps, normative=True, residual=kind))
             norms[kind] = calibrate(model, cal)["normative"]
         model.cfg = base
+    gains = {}  # multi-scale variant -> gains per width, from the synthetic brains only
+    synth_cal: list = []
+    for name in args.variants:
+        v = VARIANTS[name]
+        if len(v.get("median_sizes", ())) > 1:
+            model.cfg = dataclasses.replace(base, maps=dataclasses.replace(base.maps, **v))
+            if not synth_cal:
+                for i in range(args.synth):
+                    d, m, meta = synth_brain(cohort_seed(9000, i))
+                    synth_cal.append(Case(f"synth{i}", arrays=(d, m, None, meta)))
+            g = calibrate(model, synth_cal)["scale_gains"]
+            gains[name] = [g[str(w)] for w in v["median_sizes"]]
+            model.cfg = base
     if args.on == "validation":
         cases = validation_cases(shared, per_family=args.per_family or 3)
     else:
@@ -135,7 +154,8 @@ def main() -> int:
                 key_s.setdefault(key, []).append(time.perf_counter() - t0)
             variant_key[name] = key
             res = anomaly_finish(prep, recons[key], model, cfg, voxel_threshold=np.inf,
-                                 normative=norms[cfg.maps.residual] if v.get("normative") else None)
+                                 normative=norms[cfg.maps.residual] if v.get("normative") else None,
+                                 scale_gains=gains.get(name))
             p = pooled.setdefault(case.group, {}).setdefault(name, ([], []))
             p[0].append(res.map[mask].astype(np.float32)); p[1].append(lesion[mask])
             p = per_brain.setdefault(f"{case.brain} {case.group}", {}).setdefault(name, ([], []))
