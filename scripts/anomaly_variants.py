@@ -101,31 +101,28 @@ def main() -> int:
     norms = {}  # residual kind -> normative statistics (healthy mean and spread of that residual)
     kinds = sorted({VARIANTS[v].get("residual", base.maps.residual) for v in args.variants
                     if VARIANTS[v].get("normative")})
-    if kinds:
-        cal = []
-        if args.on == "test":  # the calibration set: the real validation brain + synthetic brains
-            cal.append(Case("T1_brain_c1", image=str(shared / "healthy" / "T1_brain_c1.nii.gz")))
+    multiscale = [n for n in args.variants if len(VARIANTS[n].get("median_sizes", ())) > 1]
+    synth_cal = []  # the synthetic calibration brains (never a validation or test brain)
+    if kinds or multiscale:
         for i in range(args.synth):
             s = cohort_seed(9000, i)
             d, m, meta = synth_brain(s)
-            cal.append(Case(f"synth{s}", arrays=(d, m, None, meta)))
+            synth_cal.append(Case(f"synth{s}", arrays=(d, m, None, meta)))
+    if kinds:
+        cal = list(synth_cal)
+        if args.on == "test":  # the calibration set: the real validation brain + synthetic brains
+            cal.insert(0, Case("T1_brain_c1", image=str(shared / "healthy" / "T1_brain_c1.nii.gz")))
         for kind in kinds:
             model.cfg = dataclasses.replace(base, maps=dataclasses.replace(base.maps, normative=True, residual=kind))
             norms[kind] = calibrate(model, cal)["normative"]
         model.cfg = base
     gains = {}  # multi-scale variant -> gains per width, from the synthetic brains only
-    synth_cal: list = []
-    for name in args.variants:
+    for name in multiscale:
         v = VARIANTS[name]
-        if len(v.get("median_sizes", ())) > 1:
-            model.cfg = dataclasses.replace(base, maps=dataclasses.replace(base.maps, **v))
-            if not synth_cal:
-                for i in range(args.synth):
-                    d, m, meta = synth_brain(cohort_seed(9000, i))
-                    synth_cal.append(Case(f"synth{i}", arrays=(d, m, None, meta)))
-            g = calibrate(model, synth_cal)["scale_gains"]
-            gains[name] = [g[str(w)] for w in v["median_sizes"]]
-            model.cfg = base
+        model.cfg = dataclasses.replace(base, maps=dataclasses.replace(base.maps, **v))
+        g = calibrate(model, synth_cal)["scale_gains"]
+        gains[name] = [g[str(w)] for w in v["median_sizes"]]
+        model.cfg = base
     if args.on == "validation":
         cases = validation_cases(shared, per_family=args.per_family or 3)
     else:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from volseg.anomaly.infer import AnomalyModel, anomaly_volume, load_brain_input
+from volseg.anomaly.infer import AnomalyModel, anomaly_volume, load_brain_input, median_sizes, scale_residuals
 from volseg.anomaly.metrics import scan_metrics, scan_threshold, voxel_metrics, voxel_threshold
 from volseg.errors import InputError
 
@@ -102,8 +102,6 @@ def calibrate(model: AnomalyModel, cases: list[Case], fpr: float | None = None,
     percentile = cc.scan_percentile if percentile is None else percentile
     values, scores, per = [], [], {}
     extra = {}
-    from volseg.anomaly.infer import median_sizes
-
     multiscale = len(median_sizes(model.cfg.maps)) > 1
     if model.cfg.maps.normative:
         if multiscale:
@@ -148,7 +146,7 @@ def _multiscale(model: AnomalyModel, cases: list[Case], fpr: float):
     gain_s = q_first / q_s. Returns the results, the gains and the q_s (keyed by width)."""
     import dataclasses
 
-    from volseg.anomaly.infer import anomaly_finish, anomaly_prepare, median_sizes, scale_residuals
+    from volseg.anomaly.infer import anomaly_finish, anomaly_prepare
     from volseg.anomaly.recon import recon_options, reconstruct
 
     cfg = model.cfg

@@ -178,9 +178,11 @@ def scale_residuals(maps) -> tuple[str, ...]:
     kinds = tuple(maps.scale_residuals) or (maps.residual,) * n
     if len(kinds) != n:
         raise ValueError(f"maps.scale_residuals has {len(kinds)} kinds for {n} median widths")
-    bad = [k for k in kinds if k not in ("abs", "positive", "negative", "signed")]
+    from volseg.config import CHOICES
+
+    bad = [k for k in kinds if k not in CHOICES["maps.residual"]]
     if bad:
-        raise ValueError(f"maps.scale_residuals: {bad[0]!r} is not abs, positive, negative or signed")
+        raise ValueError(f"maps.scale_residuals: {bad[0]!r} is not one of {CHOICES['maps.residual']}")
     return kinds
 
 

@@ -93,9 +93,12 @@ def filter_scales(r, brain_mask: np.ndarray, erode_vox: int, sizes, gains=None, 
     kinds = [residual] * n if isinstance(residual, str) else list(residual)
     if not (len(gains) == len(rs) == len(kinds) == n):
         raise ValueError(f"{n} median sizes but {len(gains)} gains, {len(rs)} residuals, {len(kinds)} kinds")
+    mask = np.asarray(brain_mask) > 0
+    if erode_vox > 0:  # once for every width
+        mask = ndi.binary_erosion(mask, iterations=int(erode_vox))
     out = None
     for size, gain, ri, kind in zip(sizes, gains, rs, kinds):
-        m = finish_signed(filter_map(ri, brain_mask, erode_vox, size), kind)
+        m = finish_signed(filter_map(ri, mask, 0, size), kind)
         if gain != 1.0:
             m = (m * np.float32(gain)).astype(np.float32)
         out = m if out is None else np.maximum(out, m)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -91,15 +90,7 @@ def cmd_calibrate(args) -> int:
                  f"(instead of the calibration set of {args.model})"), file=sys.stderr)
     _warn_training_brains(model, brains)
     calib = calibrate(model, cases, fpr=args.fpr, percentile=args.percentile)
-    out = copy_model_folder(model.model_dir, dest, calib)
-    if maps:
-        from volseg.nets.folder import MODEL_FILE
-
-        info = json.loads((out / MODEL_FILE).read_text())
-        info.setdefault("config", {})["maps"] = maps
-        tmp = out / f".{MODEL_FILE}.tmp"
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
-        tmp.replace(out / MODEL_FILE)
+    out = copy_model_folder(model.model_dir, dest, calib, maps=maps)
     print(f"voxel threshold {calib['voxel_threshold']:.4f} (healthy FPR {calib['voxel_fpr']}), scan threshold "
           f"{calib['scan_threshold']:.4f} ({calib['scan_percentile']}th percentile of {len(cases)} healthy scans) "
           f"-> model folder {out}")

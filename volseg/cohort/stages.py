@@ -172,16 +172,17 @@ def anomaly_identity(model) -> dict:
     settings = ({k: v for k, v in config_to_dict(cfg).items() if k in keep}
                 if dataclasses.is_dataclass(cfg) else {})
     maps = settings.get("maps", {})
-    calib = dict(getattr(model, "calibration", None) or {})
+    raw = getattr(model, "calibration", None)
+    calib = dict(raw or {})
     map_calib = {"scale_gains": calib.pop("scale_gains", None), "scale_thresholds": calib.pop("scale_thresholds", None)}
     norm = getattr(model, "normative", None)
     if norm is not None:  # the statistics themselves (a recalibration rewrites them)
-        map_calib["normative"] = hashlib.sha256(b"".join(
-            np.ascontiguousarray(getattr(norm, k)).tobytes() for k in ("mean", "std") if hasattr(norm, k))).hexdigest()[:16]
+        map_calib["normative"] = hashlib.sha256(np.ascontiguousarray(norm.mean).tobytes()
+                                                + np.ascontiguousarray(norm.std).tobytes()).hexdigest()[:16]
     return {"sha256": info.get("sha256"), "net": info.get("net"),
             "settings": {**settings, "maps": {k: v for k, v in maps.items() if k != "min_component_voxels"}},
             "map_calibration": map_calib,
-            "calibration": calib if getattr(model, "calibration", None) is not None else None,
+            "calibration": calib if raw is not None else None,
             "min_component_voxels": maps.get("min_component_voxels")}
 
 

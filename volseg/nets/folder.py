@@ -200,10 +200,12 @@ def write_calibration(calib: dict, dest_dir: Path | str) -> Path:
 COPIED = ("model.json", "MODEL_CARD.md", "learning_curve.png", "normative.npz")
 
 
-def copy_model_folder(src_dir: Path | str, dest_dir: Path | str, calibration: dict | None = None) -> Path:
+def copy_model_folder(src_dir: Path | str, dest_dir: Path | str, calibration: dict | None = None,
+                      maps: dict | None = None) -> Path:
     """A complete model folder at ``dest_dir``: the weights and ``model.json`` of ``src_dir``
-    (copied unless it is the same folder), and ``calibration.json`` when given. Refuses to
-    write into the installed package's shipped models."""
+    (copied unless it is the same folder; ``maps``: a new ``config.maps`` section for it), and
+    ``calibration.json`` when given, written last. Refuses to write into the installed package's
+    shipped models."""
     src, dest = Path(src_dir).resolve(), Path(dest_dir).resolve()
     if is_package_dir(dest):
         raise WeightsError(f"{dest}: will not write into the installed package's models; "
@@ -216,6 +218,12 @@ def copy_model_folder(src_dir: Path | str, dest_dir: Path | str, calibration: di
                 tmp = dest / f".{name}.tmp"
                 shutil.copyfile(src / name, tmp)
                 tmp.replace(dest / name)
+    if maps:
+        info = json.loads((dest / MODEL_FILE).read_text())
+        info.setdefault("config", {})["maps"] = maps
+        tmp = dest / f".{MODEL_FILE}.tmp"
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+        tmp.replace(dest / MODEL_FILE)
     if calibration is not None:
         write_calibration(calibration, dest)
     return dest
