@@ -216,6 +216,32 @@ def hd95(pred, ref, spacing=(1.0, 1.0, 1.0)) -> float:
     return float(max(np.percentile(d_pr, 95), np.percentile(d_rp, 95)))
 
 
+LEAK_MM = 5.0  # a mask voxel this far outside the reference brain is not brain: scalp, eyes, neck
+
+
+def far_outside_ml(pred, ref, spacing=(1.0, 1.0, 1.0), mm: float = LEAK_MM) -> float:
+    """Volume (mL) of ``pred`` lying more than ``mm`` outside ``ref`` (Euclidean distance, in mm,
+    to the nearest reference voxel): what a brain mask keeps of scalp, eyes, neck or dura, beyond
+    the few millimetres by which careful references of one brain differ at its edge. With the
+    roles swapped, the brain a mask cuts away deeper than ``mm``. NaN when ``ref`` is empty."""
+    import numpy as np
+    from scipy import ndimage
+
+    p, r = np.asarray(pred) > 0, np.asarray(ref) > 0
+    if not r.any():
+        return float("nan")
+    if not p.any():
+        return 0.0
+    spacing = tuple(float(x) for x in spacing)
+    pad = [int(np.ceil(mm / z)) + 1 for z in spacing]  # crop to the masks' box plus the margin
+    idx = np.argwhere(p | r)
+    lo = np.maximum(idx.min(0) - pad, 0)
+    hi = np.minimum(idx.max(0) + 1 + np.array(pad), p.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    dist = ndimage.distance_transform_edt(~r[box], sampling=spacing)
+    return float(np.count_nonzero(p[box] & (dist > mm))) * float(np.prod(spacing)) / 1000.0
+
+
 def to_reference_grid(data, affine, ref_shape, ref_affine):
     """``(mask on the reference grid, note)``: unchanged when shape and affine match (1e-3),
     otherwise resampled by nearest neighbour through the two affines."""
@@ -251,7 +277,8 @@ def evaluate(mask_path: Path, ref_path: Path) -> dict:
     zooms = np.linalg.norm(ref.affine[:3, :3], axis=0)
     vox_ml = float(np.prod(zooms)) / 1000.0
     return {"dice": dice(m, r), "hd95_mm": hd95(m, r, zooms), "vol_ml": float(m.sum()) * vox_ml,
-            "ref_vol_ml": float((r > 0).sum()) * vox_ml, "note": note}
+            "ref_vol_ml": float((r > 0).sum()) * vox_ml, "leak_ml": far_outside_ml(m, r, zooms),
+            "cut_ml": far_outside_ml(r, m, zooms), "note": note}
 
 
 # --------------------------------------------------------------------------- environments
@@ -559,7 +586,9 @@ def summarise(scans: list[Scan], tools: list[str], rows: dict, timing: dict, per
             s_scan = statistics.mean([p for p in per if p is not None]) if any(p is not None for p in per) else None
         else:
             s_scan = timing[t]["s_per_scan"]
+        leak = [rows[(n, t)].get("leak_ml") for n in ok_all if rows[(n, t)].get("leak_ml") is not None]
         summ[t] = {"scans_ok": len(oks), "scans": len(scans), "mean_dice": statistics.mean(d) if d else None,
+                   "max_leak_ml": max(leak) if leak else None,
                    "mean_hd95_mm": statistics.mean(h) if h else None, "s_per_scan": s_scan,
                    "wall_s": timing[t].get("wall_s"), "peak_rss_mb": timing[t].get("peak_rss_mb")}
     ratios = {"common_scans": ok_all}
@@ -584,20 +613,24 @@ def render(meta: dict, scans: list[Scan], tools: list[str], rows: dict, summary:
            f"load average before / after: {meta['load_before']} / {meta['load_after']}"),
           f"- protocol: {meta['protocol']}",
           f"- versions: {meta['versions']}", ""]
-    L += ["| scan | grid | tool | Dice | HD95 mm | s | note |", "|---|---|---|---:|---:|---:|---|"]
+    L += [f"Leak: mL of the mask more than {LEAK_MM:g} mm outside the reference brain (scalp, eyes, neck); "
+          f"cut: mL of the reference brain more than {LEAK_MM:g} mm inside the mask's edge.", "",
+          "| scan | grid | tool | Dice | HD95 mm | leak mL | cut mL | s | note |",
+          "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for s in scans:
         for t in tools:
             r = rows[(s.name, t)]
             note = r.get("error") or r.get("note") or ""
             L.append(f"| {s.label} | {r.get('grid', '')} | {t} | {_f(r.get('dice'), 4)} | {_f(r.get('hd95_mm'), 2)} "
-                     f"| {_f(r.get('s'), 1)} | {note} |")
+                     f"| {_f(r.get('leak_ml'), 1)} | {_f(r.get('cut_ml'), 1)} | {_f(r.get('s'), 1)} | {note} |")
     L += ["", (f"Means over the {len(summary['ratios']['common_scans'])} scans every tool segmented "
                "(s/scan over all scans given):"), "",
-          "| tool | scans ok | mean Dice | mean HD95 mm | s/scan | wall s, all scans | peak RSS MB |",
-          "|---|---:|---:|---:|---:|---:|---:|"]
+          "| tool | scans ok | mean Dice | mean HD95 mm | largest leak mL | s/scan | wall s, all scans | peak RSS MB |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for t in tools:
         m = summary["tools"][t]
         L.append(f"| {t} | {m['scans_ok']}/{m['scans']} | {_f(m['mean_dice'], 4)} | {_f(m['mean_hd95_mm'], 2)} "
+                 f"| {_f(m.get('max_leak_ml'), 1)} "
                  f"| {_f(m['s_per_scan'], 1)} | {_f(m['wall_s'], 1)} | {_f(m['peak_rss_mb'], 0)} |")
     rt = summary["ratios"]
     L.append("")
@@ -787,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "side_by_side.md").write_text(md)
-    cols = ["scan", "label", "image", "reference", "tool", "dice", "hd95_mm", "s", "vol_ml", "ref_vol_ml", "grid",
+    cols = ["scan", "label", "image", "reference", "tool", "dice", "hd95_mm", "s", "vol_ml", "ref_vol_ml", "leak_ml", "cut_ml", "grid",
             "note", "error", "mask"]
     with open(out / "results.tsv", "w") as fh:
         fh.write("\t".join(cols) + "\n")

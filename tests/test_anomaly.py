@@ -224,6 +224,48 @@ def test_threaded_median_and_multiscale_maps_agree_with_direct_computations():
     assert m9[40, 40, 40] < 0.2  # which the wide one alone would lose
 
 
+def test_coarse_wide_median_is_a_cheap_regional_level_that_keeps_large_low_contrast_lesions():
+    import dataclasses
+
+    from scipy import ndimage as ndi
+
+    from volseg.anomaly.config import MapConfig
+    from volseg.anomaly.infer import scale_keys, scale_steps
+    from volseg.anomaly.maps import coarse_filter_map, filter_map, filter_scales
+
+    rng = np.random.default_rng(5)
+    brain = np.zeros((60, 58, 62), bool); brain[3:57, 3:55, 3:59] = True  # odd sizes: padded to blocks
+    np.testing.assert_array_equal(coarse_filter_map(np.ones(brain.shape, np.float32), brain, 5, 1),
+                                  filter_map(np.ones(brain.shape, np.float32), brain, 0, 5))  # step 1: exact
+    const = coarse_filter_map(np.full(brain.shape, 0.3, np.float32), brain, 5, 2)
+    assert const.shape == brain.shape and not const[~brain].any()
+    inner = ndi.distance_transform_edt(brain) > 12
+    np.testing.assert_allclose(const[inner], 0.3, rtol=1e-5)  # a level comes back unchanged inside
+    d = np.where(brain, 0.1 * rng.standard_normal(brain.shape), 0).astype(np.float32)
+    lesion = np.zeros_like(brain); lesion[12:28, 12:28, 12:28] = True  # 16 voxels wide, +0.1 (1 sd)
+    d[lesion] += 0.1
+    c = np.abs(coarse_filter_map(d, brain, 5, 2))  # about 10 voxels wide
+    exact = np.abs(filter_map(d, brain, 0, 9))
+    core = np.zeros_like(brain); core[16:24, 16:24, 16:24] = True
+    healthy = (ndi.distance_transform_edt(~lesion) > 10) & inner
+    assert c[core].mean() == pytest.approx(exact[core].mean(), rel=0.25)  # near the exact wide median
+    assert c[core].min() > 3 * np.quantile(c[healthy], 0.999)  # the lesion stands far above healthy noise
+    assert c[core].mean() / np.quantile(c[healthy], 0.999) > exact[core].mean() / np.quantile(exact[healthy], 0.999)
+    both = filter_scales([np.abs(d), d], brain, 2, (5, 5), (1.0, 2.0), ["abs", "signed"], steps=(1, 2))
+    np.testing.assert_allclose(both, np.maximum(filter_map(np.abs(d), brain, 2, 5),
+                                                2.0 * np.abs(coarse_filter_map(d, ndi.binary_erosion(brain, iterations=2), 5, 2))),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="steps"):
+        filter_scales(d, brain, 2, (5, 5), None, "signed", steps=(1,))
+    m = dataclasses.replace(MapConfig(), median_sizes=(5, 5, 9), scale_residuals=("abs", "signed", "signed"),
+                            scale_steps=(1, 2, 1))
+    assert scale_keys(m) == ["5", "5x2", "9"] and scale_steps(m) == (1, 2, 1)
+    with pytest.raises(ValueError, match="repeats"):
+        scale_keys(dataclasses.replace(m, scale_steps=(1, 1, 1)))
+    with pytest.raises(ValueError, match="scale_steps"):
+        scale_steps(dataclasses.replace(m, scale_steps=(1, 2)))
+
+
 def test_multiscale_calibration_sets_gains_and_a_changed_gain_changes_the_map_fingerprint(tmp_path):
     import dataclasses
 

@@ -65,6 +65,23 @@ def test_hd95_cube_shift(bench):
     assert bench.hd95(a, b, spacing=(1.5, 1.0, 1.0)) == pytest.approx(3.0)
 
 
+def test_far_outside_counts_only_what_lies_beyond_the_margin(bench):
+    # reference: z 10..19 of a 1x1x40 line; a mask that also keeps z 20..34 (a "scalp" 15 voxels
+    # long): with 1 mm voxels z 25..34 lie more than 5 mm out (z 20..25 is within 5 mm)
+    ref, pred = line(range(10, 20), 40), line(range(10, 35), 40)
+    assert bench.far_outside_ml(pred, ref) == pytest.approx(10 / 1000)
+    assert bench.far_outside_ml(ref, pred) == 0.0  # nothing of the brain cut away
+    # 2 mm voxels along z: z 22..34 lie 6 mm or more out (z 20 and 21: 2 and 4 mm)
+    assert bench.far_outside_ml(pred, ref, spacing=(1, 1, 2)) == pytest.approx(13 * 2 / 1000)
+    # a mask that cuts the reference's z 10..14 away: those voxels lie 5, 4, 3, 2, 1 mm from the mask
+    cut = line(range(15, 20), 40)
+    assert bench.far_outside_ml(ref, cut) == 0.0  # the farthest cut voxel (z 10) is exactly 5 mm away
+    assert bench.far_outside_ml(ref, cut, mm=3) == pytest.approx(2 / 1000)  # z 10 and 11 (5, 4 mm)
+    assert bench.far_outside_ml(pred, ref) == bench.far_outside_ml(pred, ref, spacing=(1.0, 1.0, 1.0))
+    assert math.isnan(bench.far_outside_ml(pred, line([], 40)))
+    assert bench.far_outside_ml(line([], 40), ref) == 0.0
+
+
 def test_reference_grid(bench):
     ref_aff = np.diag([2.0, 2.0, 3.0, 1.0])
     ref_aff[:3, 3] = [-10, 5, 7]

@@ -102,21 +102,25 @@ def test_calibrate_writes_a_model_folder_that_anomaly_uses(run_cli, calibrated, 
 def test_calibrate_maps_sets_a_multiscale_map_that_anomaly_then_uses(run_cli, tiny_ae, tmp_path):
     dest = tmp_path / "ms_model"
     res = run_cli("calibrate", "--model", tiny_ae, "--synth", 2, "-o", dest, "--device", "cpu",
-                  "--maps", "residual=signed", "--maps", "median_sizes=[3, 5]")
+                  "--maps", "residual=signed", "--maps", "median_sizes=[3, 5, 3]", "--maps", "scale_steps=[1, 1, 2]")
     assert res.returncode == 0, res.stderr[-3000:]
     maps = json.loads((dest / "model.json").read_text())["config"]["maps"]
-    assert maps["residual"] == "signed" and maps["median_sizes"] == [3, 5]
+    assert maps["residual"] == "signed" and maps["median_sizes"] == [3, 5, 3] and maps["scale_steps"] == [1, 1, 2]
     assert not json.loads((tiny_ae / "model.json").read_text())["config"]["maps"].get("median_sizes")  # source untouched
     gains = json.loads((dest / "calibration.json").read_text())["scale_gains"]
-    assert gains["3"] == 1.0 and gains["5"] > 0
+    assert set(gains) == {"3", "5", "3x2"} and gains["3"] == 1.0 and gains["5"] > 0 and gains["3x2"] > 0
     brain = _head(tmp_path / "sub-probe_T1w.nii.gz", 320, 3.0, brain_only=True)
     r = run_cli("anomaly", brain, "--mask", brain, "--model", dest, "-o", tmp_path / "out", "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
     side = _sidecar(_outputs(r.stdout)[0])
-    assert side["Maps"]["median_sizes"] == [3, 5] and side["ScaleGains"] == pytest.approx(gains)
+    assert side["Maps"]["median_sizes"] == [3, 5, 3] and side["ScaleGains"] == pytest.approx(gains)
     bad = run_cli("calibrate", "--model", tiny_ae, "--synth", 1, "-o", tmp_path / "bad", "--device", "cpu",
                   "--maps", "residual=sideways")
     _one_error_line(bad, "residual")
+    assert not (tmp_path / "bad").exists()
+    bad = run_cli("calibrate", "--model", tiny_ae, "--synth", 1, "-o", tmp_path / "bad", "--device", "cpu",
+                  "--maps", "median_sizes=[3, 5]", "--maps", "scale_steps=[1]")
+    _one_error_line(bad, "scale_steps")
     assert not (tmp_path / "bad").exists()
 
 

@@ -92,6 +92,9 @@ class MapConfig:
     median_sizes: tuple[int, ...] = ()
     # the residual kind of each width (abs | positive | negative | signed); empty: `residual` for all
     scale_residuals: tuple[str, ...] = ()
+    # per width: 1 = exact median on the working grid; k > 1 = median over blocks of k^3 voxels
+    # (the width counts blocks, k times wider, at about 1/k^3 of the cost); empty: 1 for all
+    scale_steps: tuple[int, ...] = ()
     min_component_voxels: int = 0  # drop connected components of the native mask below this
     n4: bool = True  # N4 inside the brain mask before the grid (off when the image is already corrected)
     passes: int = 1  # network passes, each fed the previous reconstruction inside the brain

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from volseg.anomaly.infer import AnomalyModel, anomaly_volume, load_brain_input, median_sizes, scale_residuals
+from volseg.anomaly.infer import (AnomalyModel, anomaly_volume, load_brain_input, median_sizes, scale_keys,
+                                  scale_residuals, scale_steps)
 from volseg.anomaly.metrics import scan_metrics, scan_threshold, voxel_metrics, voxel_threshold
 from volseg.errors import InputError
 
@@ -151,26 +152,27 @@ def _multiscale(model: AnomalyModel, cases: list[Case], fpr: float):
 
     cfg = model.cfg
     sizes, kinds = median_sizes(cfg.maps), scale_residuals(cfg.maps)
-    items, values = [], {s: [] for s in sizes}
+    steps, keys = scale_steps(cfg.maps), scale_keys(cfg.maps)
+    items, values = [], {k: [] for k in keys}
     for case in cases:
         data, mask, meta = _arrays(case)
         prep = anomaly_prepare(data, mask, meta, model)
         recon = reconstruct(model.net, prep.grid_image[0].numpy(), prep.grid_mask, model.device,
                             **recon_options(cfg.maps))
-        for s, kind in zip(sizes, kinds):
-            maps = dataclasses.replace(cfg.maps, median_sizes=(s,), scale_residuals=(kind,))
+        for s, kind, step, key in zip(sizes, kinds, steps, keys):
+            maps = dataclasses.replace(cfg.maps, median_sizes=(s,), scale_residuals=(kind,), scale_steps=(step,))
             one = dataclasses.replace(cfg, maps=maps)
             res = anomaly_finish(prep, recon, model, one, voxel_threshold=np.inf, scale_gains=[1.0])
-            values[s].append(res.map[mask].astype(np.float32))
+            values[key].append(res.map[mask].astype(np.float32))
         items.append((case, mask, prep, recon))
-    q = {s: voxel_threshold(np.concatenate(values.pop(s)), fpr) for s in sizes}
+    q = {k: voxel_threshold(np.concatenate(values.pop(k)), fpr) for k in keys}
     if min(q.values()) <= 0:
         raise ValueError(f"a median width leaves no healthy residual above 0 (thresholds {q}): "
                          "cannot scale the widths against each other")
-    gains = [q[sizes[0]] / q[s] for s in sizes]
+    gains = [q[keys[0]] / q[k] for k in keys]
     out = [(case, mask, anomaly_finish(prep, recon, model, voxel_threshold=np.inf, scale_gains=gains))
            for case, mask, prep, recon in items]
-    return out, {str(s): g for s, g in zip(sizes, gains)}, {str(s): float(v) for s, v in q.items()}
+    return out, dict(zip(keys, gains)), {k: float(v) for k, v in q.items()}
 
 
 def _normative_loo(model: AnomalyModel, cases: list[Case]):

@@ -130,7 +130,7 @@ def anomaly_finish(prep, recon: np.ndarray, model: AnomalyModel, cfg: AEConfig |
     g = prep.grid_image[0].numpy()
     erode = int(round(mc.erode_mm / cfg.preprocess.grid.spacing_mm))
     normative = normative if normative is not None else model.normative
-    sizes, kinds = median_sizes(mc), scale_residuals(mc)
+    sizes, kinds, steps = median_sizes(mc), scale_residuals(mc), scale_steps(mc)
     rs = {k: signed_residual(g, recon, k) for k in set(kinds)}
     if mc.normative and normative is not None:
         from volseg.anomaly.normative import normalise
@@ -139,8 +139,9 @@ def anomaly_finish(prep, recon: np.ndarray, model: AnomalyModel, cfg: AEConfig |
             raise ValueError("maps.normative needs one residual kind (maps.residual) for every width")
         mean, std = normative.on(g, prep.grid_mask, transform)
         rs = {mc.residual: normalise(rs[mc.residual], mean, std, signed=mc.residual == "signed")}
-    gains = scale_gains if scale_gains is not None else model_scale_gains(model, sizes)
-    gmap = filter_scales([rs[k] for k in kinds], prep.grid_mask, erode, sizes, gains, list(kinds))
+    keys = scale_keys(mc)
+    gains = scale_gains if scale_gains is not None else model_scale_gains(model, keys)
+    gmap = filter_scales([rs[k] for k in kinds], prep.grid_mask, erode, sizes, gains, list(kinds), steps)
     score = scan_score(gmap[prep.grid_mask], cfg.calibration.score_top_percent)
     t3 = time.perf_counter()
     mask = prep.mask
@@ -156,7 +157,7 @@ def anomaly_finish(prep, recon: np.ndarray, model: AnomalyModel, cfg: AEConfig |
                    total_s=round(prep_s + recon_s + t4 - t2, 3))
     info = {"Model": {"sha256": model.info.get("sha256"), "net": model.info.get("net"), "kind": "ae"},
             **calib, "Maps": {k: getattr(mc, k) for k in mc.__dataclass_fields__},
-            **({"ScaleGains": dict(zip(map(str, sizes), gains))} if len(sizes) > 1 else {}),
+            **({"ScaleGains": dict(zip(keys, gains))} if len(sizes) > 1 else {}),
             "IntensityScale": {"low": low, "white_matter": wm},
             "ScanScore": score, "ScanScoreDefinition": f"mean of the top {cfg.calibration.score_top_percent}% "
                                                        "of anomaly-map values in the brain on the 2 mm grid"}
@@ -167,9 +168,26 @@ def anomaly_finish(prep, recon: np.ndarray, model: AnomalyModel, cfg: AEConfig |
 def median_sizes(maps) -> tuple[int, ...]:
     """The median filter widths of a map setting (``median_sizes``, else ``median_size`` alone)."""
     sizes = tuple(int(s) for s in maps.median_sizes) or (int(maps.median_size),)
-    if len(set(sizes)) != len(sizes):
+    steps = tuple(int(k) for k in getattr(maps, "scale_steps", ())) or (1,) * len(sizes)
+    if len(steps) != len(sizes):
+        raise ValueError(f"maps.scale_steps has {len(steps)} steps for {len(sizes)} median widths")
+    if min(steps) < 1:
+        raise ValueError(f"maps.scale_steps must be 1 or more, got {list(steps)}")
+    if len(set(zip(sizes, steps))) != len(sizes):
         raise ValueError(f"maps.median_sizes repeats a width: {list(sizes)}")
     return sizes
+
+
+def scale_steps(maps) -> tuple[int, ...]:
+    """The block size of each median width (``scale_steps``, else 1 for all: exact medians)."""
+    n = len(median_sizes(maps))  # checks the steps too
+    return tuple(int(k) for k in maps.scale_steps) or (1,) * n
+
+
+def scale_keys(maps) -> list[str]:
+    """The name of each width in ``calibration.json``'s ``scale_gains``: the width ("9"), or the
+    width and its block size ("5x2": 5 blocks of 2^3 voxels) for a coarse one."""
+    return [str(s) if k == 1 else f"{s}x{k}" for s, k in zip(median_sizes(maps), scale_steps(maps))]
 
 
 def scale_residuals(maps) -> tuple[str, ...]:
@@ -186,11 +204,11 @@ def scale_residuals(maps) -> tuple[str, ...]:
     return kinds
 
 
-def model_scale_gains(model: AnomalyModel, sizes) -> list[float]:
-    """The calibration's gain per median width (``scale_gains``), 1 for a width it has none for
-    (one width, or an uncalibrated model)."""
+def model_scale_gains(model: AnomalyModel, keys) -> list[float]:
+    """The calibration's gain per median width (``scale_gains``, keyed by :func:`scale_keys`), 1
+    for a width it has none for (one width, or an uncalibrated model)."""
     stored = (model.calibration or {}).get("scale_gains") or {}
-    return [float(stored.get(str(s), 1.0)) for s in sizes]
+    return [float(stored.get(str(k), 1.0)) for k in keys]
 
 
 def apply_calibration(amap: np.ndarray, brain: np.ndarray, score: float, model: AnomalyModel,
@@ -269,5 +287,6 @@ def anomaly_file(path, out_dir, model: AnomalyModel, mask_path=None, strip=None)
 
 
 __all__ = ["AnomalyModel", "AnomalyResult", "load_anomaly_model", "anomaly_volume", "anomaly_prepare",
-           "anomaly_finish", "apply_calibration", "median_sizes", "scale_residuals", "model_scale_gains", "anomaly_file",
+           "anomaly_finish", "apply_calibration", "median_sizes", "scale_residuals", "scale_steps", "scale_keys",
+           "model_scale_gains", "anomaly_file",
            "write_anomaly", "load_brain_input"]

@@ -75,7 +75,34 @@ def median_filter(r: np.ndarray, size: int, threads: int = 2) -> np.ndarray:
     return out
 
 
-def filter_scales(r, brain_mask: np.ndarray, erode_vox: int, sizes, gains=None, residual="abs") -> np.ndarray:
+def coarse_filter_map(r: np.ndarray, mask: np.ndarray, size: int, step: int) -> np.ndarray:
+    """A wide median cheaply: ``r`` (0 outside ``mask``) averaged over blocks of ``step``^3
+    voxels, median filtered over ``size``^3 blocks (``size * step`` voxels wide) and interpolated
+    back (trilinear), 0 outside ``mask``. Not the exact median at that width: a regional level
+    made at 1/``step``^3 of the cost, for widths (20-40 mm) whose exact median takes seconds."""
+    mask = np.asarray(mask) > 0
+    step = int(step)
+    if step <= 1:
+        return filter_map(r, mask, 0, size)
+    r = np.where(mask, r, 0.0).astype(np.float32)
+    if not mask.any():
+        return r
+    pad = [(0, (-n) % step) for n in r.shape]
+    rp, mp = np.pad(r, pad), np.pad(mask, pad)
+    box = brain_bbox(mp, margin=size * step, multiple=step, shape=rp.shape)
+    sub = rp[box]
+    shp = [n // step for n in sub.shape]
+    blocks = sub.reshape(shp[0], step, shp[1], step, shp[2], step).mean(axis=(1, 3, 5), dtype=np.float32)
+    med = median_filter(blocks, int(size)) if size and size > 1 else blocks
+    up = ndi.zoom(med, step, order=1, mode="nearest", grid_mode=True).astype(np.float32)
+    out = np.zeros_like(rp)
+    out[box] = up[tuple(slice(0, n) for n in sub.shape)]
+    out = out[tuple(slice(0, n) for n in r.shape)]
+    return np.where(mask, out, 0.0).astype(np.float32)
+
+
+def filter_scales(r, brain_mask: np.ndarray, erode_vox: int, sizes, gains=None, residual="abs",
+                  steps=None) -> np.ndarray:
     """A map from a residual filtered at one or more median widths: ``max_s(gain_s * m_s)``.
 
     ``r``: one residual for every width, or a list with one per width; ``residual``: its kind
@@ -85,20 +112,23 @@ def filter_scales(r, brain_mask: np.ndarray, erode_vox: int, sizes, gains=None, 
     residual, which the larger median averages down more. ``gains`` put the widths on one footing:
     ``volseg calibrate`` sets gain_s = q_first / q_s, with q_s the healthy voxel threshold of width s
     alone, so each width counts as anomalous where it is as far above healthy tissue as the first
-    one is (gains default to 1: an uncalibrated model)."""
+    one is (gains default to 1: an uncalibrated model). ``steps``: per width, 1 for the exact median
+    on the grid, k > 1 for :func:`coarse_filter_map` on blocks of k^3 voxels (``size`` counts blocks)."""
     sizes = [int(s) for s in sizes]
     n = len(sizes)
+    steps = [1] * n if steps is None else [int(k) for k in steps]
     gains = [1.0] * n if gains is None else [float(g) for g in gains]
     rs = list(r) if isinstance(r, (list, tuple)) else [r] * n
     kinds = [residual] * n if isinstance(residual, str) else list(residual)
-    if not (len(gains) == len(rs) == len(kinds) == n):
-        raise ValueError(f"{n} median sizes but {len(gains)} gains, {len(rs)} residuals, {len(kinds)} kinds")
+    if not (len(gains) == len(rs) == len(kinds) == len(steps) == n):
+        raise ValueError(f"{n} median sizes but {len(gains)} gains, {len(rs)} residuals, {len(kinds)} kinds, "
+                         f"{len(steps)} steps")
     mask = np.asarray(brain_mask) > 0
     if erode_vox > 0:  # once for every width
         mask = ndi.binary_erosion(mask, iterations=int(erode_vox))
     out = None
-    for size, gain, ri, kind in zip(sizes, gains, rs, kinds):
-        m = finish_signed(filter_map(ri, mask, 0, size), kind)
+    for size, gain, ri, kind, step in zip(sizes, gains, rs, kinds, steps):
+        m = finish_signed(coarse_filter_map(ri, mask, size, step) if step > 1 else filter_map(ri, mask, 0, size), kind)
         if gain != 1.0:
             m = (m * np.float32(gain)).astype(np.float32)
         out = m if out is None else np.maximum(out, m)
@@ -144,4 +174,4 @@ def scan_score(values: np.ndarray, top_percent: float = 1.0) -> float:
     return float(np.partition(v, v.size - k)[v.size - k:].mean())
 
 
-__all__ = ["residual_map", "signed_residual", "finish_signed", "filter_scales", "median_filter", "filter_map", "remove_small", "scan_score", "brain_bbox"]
+__all__ = ["residual_map", "signed_residual", "finish_signed", "filter_scales", "coarse_filter_map", "median_filter", "filter_map", "remove_small", "scan_score", "brain_bbox"]
