@@ -242,6 +242,32 @@ def far_outside_ml(pred, ref, spacing=(1.0, 1.0, 1.0), mm: float = LEAK_MM) -> f
     return float(np.count_nonzero(p[box] & (dist > mm))) * float(np.prod(spacing)) / 1000.0
 
 
+def leak_parts(pred, ref, affine, mm: float = LEAK_MM, top: int = 3) -> str:
+    """Where a mask leaks: its largest connected parts more than ``mm`` outside ``ref``, as
+    ``"mL@(R,A,S)"`` with the part's centre minus the reference brain's centre in world mm (RAS):
+    eyes lie anterior and inferior (A > +55), the neck inferior (S < -60), scalp all round."""
+    import numpy as np
+    from scipy import ndimage
+
+    p, r = np.asarray(pred) > 0, np.asarray(ref) > 0
+    if not r.any() or not p.any():
+        return ""
+    affine = np.asarray(affine, float)
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    leak = p & (ndimage.distance_transform_edt(~r, sampling=zooms) > mm)
+    lab, n = ndimage.label(leak)
+    if n == 0:
+        return ""
+    sizes = np.bincount(lab.ravel())[1:]
+    centres = ndimage.center_of_mass(leak, lab, range(1, n + 1))
+    brain = affine[:3, :3] @ np.argwhere(r).mean(0)
+    out = []
+    for i in np.argsort(-sizes)[:top]:
+        c = affine[:3, :3] @ np.asarray(centres[i]) - brain
+        out.append(f"{sizes[i] * np.prod(zooms) / 1000:.1f}@({c[0]:+.0f},{c[1]:+.0f},{c[2]:+.0f})")
+    return " ".join(out)
+
+
 def to_reference_grid(data, affine, ref_shape, ref_affine):
     """``(mask on the reference grid, note)``: unchanged when shape and affine match (1e-3),
     otherwise resampled by nearest neighbour through the two affines."""
@@ -278,7 +304,7 @@ def evaluate(mask_path: Path, ref_path: Path) -> dict:
     vox_ml = float(np.prod(zooms)) / 1000.0
     return {"dice": dice(m, r), "hd95_mm": hd95(m, r, zooms), "vol_ml": float(m.sum()) * vox_ml,
             "ref_vol_ml": float((r > 0).sum()) * vox_ml, "leak_ml": far_outside_ml(m, r, zooms),
-            "cut_ml": far_outside_ml(r, m, zooms), "note": note}
+            "cut_ml": far_outside_ml(r, m, zooms), "leak_parts": leak_parts(m, r, ref.affine), "note": note}
 
 
 # --------------------------------------------------------------------------- environments
@@ -614,7 +640,8 @@ def render(meta: dict, scans: list[Scan], tools: list[str], rows: dict, summary:
           f"- protocol: {meta['protocol']}",
           f"- versions: {meta['versions']}", ""]
     L += [f"Leak: mL of the mask more than {LEAK_MM:g} mm outside the reference brain (scalp, eyes, neck); "
-          f"cut: mL of the reference brain more than {LEAK_MM:g} mm inside the mask's edge.", "",
+          f"cut: mL of the reference brain more than {LEAK_MM:g} mm inside the mask's edge. The largest leaking "
+          "parts are in results.tsv (`leak_parts`: mL@(R,A,S), mm from the reference brain's centre).", "",
           "| scan | grid | tool | Dice | HD95 mm | leak mL | cut mL | s | note |",
           "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for s in scans:
@@ -820,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "side_by_side.md").write_text(md)
-    cols = ["scan", "label", "image", "reference", "tool", "dice", "hd95_mm", "s", "vol_ml", "ref_vol_ml", "leak_ml", "cut_ml", "grid",
+    cols = ["scan", "label", "image", "reference", "tool", "dice", "hd95_mm", "s", "vol_ml", "ref_vol_ml", "leak_ml", "cut_ml", "leak_parts", "grid",
             "note", "error", "mask"]
     with open(out / "results.tsv", "w") as fh:
         fh.write("\t".join(cols) + "\n")

@@ -82,6 +82,18 @@ def test_far_outside_counts_only_what_lies_beyond_the_margin(bench):
     assert bench.far_outside_ml(line([], 40), ref) == 0.0
 
 
+def test_leak_parts_name_the_largest_leaks_and_where_they_lie(bench):
+    ref = np.zeros((40, 40, 40), bool); ref[10:30, 10:30, 10:30] = True  # a 20 mm cube, centre 19.5
+    pred = ref.copy()
+    pred[10:14, 36:40, 10:14] = True  # 64 voxels 7-10 mm out along +y (anterior in RAS)
+    pred[18:20, 18:20, 0:2] = True  # 8 voxels 9-10 mm out along -z (inferior), the smaller part
+    affine = np.eye(4)
+    assert bench.far_outside_ml(pred, ref) == pytest.approx(72 / 1000)
+    txt = bench.leak_parts(pred, ref, affine)
+    assert txt == "0.1@(-8,+18,-8) 0.0@(-1,-1,-19)", txt
+    assert bench.leak_parts(ref, ref, affine) == ""
+
+
 def test_reference_grid(bench):
     ref_aff = np.diag([2.0, 2.0, 3.0, 1.0])
     ref_aff[:3, 3] = [-10, 5, 7]
