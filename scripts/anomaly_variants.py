@@ -51,7 +51,27 @@ VARIANTS = {
     "signed_ms5_7_9": {"residual": "signed", "median_sizes": (5, 7, 9)},
     "signed_ms3_5_9": {"residual": "signed", "median_sizes": (3, 5, 9)},
     "abs5_signed9": {"median_sizes": (5, 9), "scale_residuals": ("abs", "signed")},
+    # wide regional levels: the signed residual's median over blocks of 2^3 voxels (maps.scale_steps),
+    # 5/7/9 blocks = 20/28/36 mm, added to (or replacing the 9^3 of) the shipped map
+    "abs5_signed9_c5": {"median_sizes": (5, 9, 5), "scale_residuals": ("abs", "signed", "signed"),
+                        "scale_steps": (1, 1, 2)},
+    "abs5_signed9_c7": {"median_sizes": (5, 9, 7), "scale_residuals": ("abs", "signed", "signed"),
+                        "scale_steps": (1, 1, 2)},
+    "abs5_signed9_c9": {"median_sizes": (5, 9, 9), "scale_residuals": ("abs", "signed", "signed"),
+                        "scale_steps": (1, 1, 2)},
+    "abs5_signed9_c5_c9": {"median_sizes": (5, 9, 5, 9), "scale_residuals": ("abs", "signed", "signed", "signed"),
+                           "scale_steps": (1, 1, 2, 2)},
+    "abs5_c5_c7": {"median_sizes": (5, 5, 7), "scale_residuals": ("abs", "signed", "signed"), "scale_steps": (1, 2, 2)},
+    "abs5_c5": {"median_sizes": (5, 5), "scale_residuals": ("abs", "signed"), "scale_steps": (1, 2)},
+    # a dark-only small width for small dark lesions (MS, the 4 mm test lesion)
+    "abs5_signed9_dark3": {"median_sizes": (5, 9, 3), "scale_residuals": ("abs", "signed", "negative")},
+    "abs5_signed9_dark5": {"median_sizes": (5, 9, 5), "scale_residuals": ("abs", "signed", "negative")},
+    "abs5_signed9_dark3_5": {"median_sizes": (5, 9, 3, 5),
+                             "scale_residuals": ("abs", "signed", "negative", "negative")},
 }
+# a variant names map settings over the single-width defaults (median 5^3 of |x - x̂|); "default"
+# is the model's own map (the shipped model's is multi-scale)
+SINGLE = {"median_sizes": (), "scale_residuals": (), "scale_steps": ()}
 # masked passes (volseg.anomaly.recon): cube size in 2 mm voxels, 2-phase checkerboard or 8-phase
 # 2x2x2 interleave, fill of the hidden cubes, optional IterMask-style second round
 for _b in (2, 3, 4, 6, 8):
@@ -91,17 +111,22 @@ def main() -> int:
     from volseg.anomaly.benchmark import real_cases, synthetic_cases, validation_cases
     from volseg.anomaly.data import synth_brain
     from volseg.anomaly.evaluate import Case, calibrate
-    from volseg.anomaly.infer import anomaly_finish, anomaly_prepare, load_anomaly_model
+    from volseg.anomaly.infer import anomaly_finish, anomaly_prepare, load_anomaly_model, scale_keys
     from volseg.anomaly.metrics import voxel_metrics
     from volseg.anomaly.recon import recon_options, reconstruct
     from volseg.synth.cohort import cohort_seed
 
     model = load_anomaly_model(args.model)
     base = model.cfg
+
+    def variant_cfg(name):
+        v = VARIANTS[name]
+        return base if not v else dataclasses.replace(base, maps=dataclasses.replace(base.maps, **{**SINGLE, **v}))
+
     norms = {}  # residual kind -> normative statistics (healthy mean and spread of that residual)
     kinds = sorted({VARIANTS[v].get("residual", base.maps.residual) for v in args.variants
                     if VARIANTS[v].get("normative")})
-    multiscale = [n for n in args.variants if len(VARIANTS[n].get("median_sizes", ())) > 1]
+    multiscale = [n for n in args.variants if n != "default" and len(VARIANTS[n].get("median_sizes", ())) > 1]
     synth_cal = []  # the synthetic calibration brains (never a validation or test brain)
     if kinds or multiscale:
         for i in range(args.synth):
@@ -118,11 +143,11 @@ def main() -> int:
         model.cfg = base
     gains = {}  # multi-scale variant -> gains per width, from the synthetic brains only
     for name in multiscale:
-        v = VARIANTS[name]
-        model.cfg = dataclasses.replace(base, maps=dataclasses.replace(base.maps, **v))
+        model.cfg = variant_cfg(name)
         g = calibrate(model, synth_cal)["scale_gains"]
-        gains[name] = [g[str(w)] for w in v["median_sizes"]]
+        gains[name] = [g[k] for k in scale_keys(model.cfg.maps)]
         model.cfg = base
+    small = small_lesion_check(model, args.variants, variant_cfg, gains) if args.on == "validation" else {}
     if args.on == "validation":
         cases = validation_cases(shared, per_family=args.per_family or 3)
     else:
@@ -143,7 +168,7 @@ def main() -> int:
         recons = {}
         for name in args.variants:
             v = VARIANTS[name]
-            cfg = dataclasses.replace(base, maps=dataclasses.replace(base.maps, **v))
+            cfg = variant_cfg(name)
             key = tuple(getattr(cfg.maps, k) for k in RECON_KEYS)
             if key not in recons:
                 t0 = time.perf_counter()
@@ -167,18 +192,25 @@ def main() -> int:
     brains_table = {k: {n: round(voxel_metrics(np.concatenate(s), np.concatenate(t))["auprc"], 4)
                         for n, (s, t) in vs.items()} for k, vs in per_brain.items()}
     means = {n: round(float(np.mean([table[g][n]["auprc"] for g in table])), 4) for n in args.variants}
+    first = args.variants[0]  # cells (brain x group) where a variant's AUPRC is below the first variant's
+    lower = {n: sum(v[n] < v[first] for v in brains_table.values()) for n in args.variants}
     secs = {n: round(float(np.median(key_s[variant_key[n]])), 3) for n in args.variants}
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "variants.json").write_text(json.dumps(
-        {"on": args.on, "groups": table, "per_brain_auprc": brains_table, "mean_auprc": means, "network_s_per_case": secs}, indent=2) + "\n")
+        {"on": args.on, "groups": table, "per_brain_auprc": brains_table, "mean_auprc": means,
+         "cells_lower_than_first": lower, "small_lesions": small, "scale_gains": gains,
+         "network_s_per_case": secs}, indent=2) + "\n")
     groups = list(table)
-    lines = ["| variant | " + " | ".join(groups) + " | mean AUPRC | network s / case |",
-             "|---" * (len(groups) + 3) + "|"]
+    lines = ["| variant | " + " | ".join(groups) + f" | mean AUPRC | cells below {first} | 4 mm dark / bright lesion: "
+             "mean map / healthy p95 | network s / case |", "|---" * (len(groups) + 5) + "|"]
     for n in args.variants:
-        lines.append(f"| {n} | " + " | ".join(f"{table[g][n]['auprc']:.3f} / {table[g][n]['best_dice']:.3f}"
-                                             for g in groups) + f" | {means[n]:.3f} | {secs[n]:.2f} |")
+        sm = " ; ".join(f"{a:.3f} / {b:.3f}" for a, b in small.get(n, ()))
+        lines.append(f"| {n} | " + " | ".join(f"{table[g][n]['auprc']:.4f} / {table[g][n]['best_dice']:.3f}"
+                                             for g in groups)
+                     + f" | {means[n]:.4f} | {lower[n]}/{len(brains_table)} | {sm} | {secs[n]:.2f} |")
     text = (f"On {args.on} cases. AUPRC / best Dice (optimistic), pooled per group; network seconds per case "
-            f"(median; reconstructions shared by variants are counted once per variant)\n\n" + "\n".join(lines)
+            f"(median; reconstructions shared by variants are counted once per variant); gains of multi-scale "
+            f"variants from {args.synth} synthetic calibration brains: {json.dumps(gains)}\n\n" + "\n".join(lines)
             + f"\n\nhighest mean AUPRC: {max(means, key=means.get)}\n\nAUPRC per brain and group:\n\n"
             + "| brain, group | " + " | ".join(args.variants) + " |\n" + "|---" * (len(args.variants) + 1) + "|\n"
             + "".join(f"| {k} | " + " | ".join(f"{v[n]:.3f}" for n in args.variants) + " |\n"
@@ -186,6 +218,47 @@ def main() -> int:
     (args.output / "variants.md").write_text(text)
     print(text)
     return 0
+
+
+def small_lesion_check(model, names, variant_cfg, gains) -> dict:
+    """Per variant, for a 4 mm lesion at 0.4x and at 1.5x white matter in the deep white matter of
+    a synthetic brain no model trained on (seed 778, as ``tests/test_anomaly_suite.py``): the mean
+    map inside the lesion and the healthy voxels' 95th percentile (the expected-failure test asks
+    the first above the second for the dark one)."""
+    from volseg.anomaly.data import synth_brain
+    from volseg.anomaly.families import lesion_alpha, tissue_sites
+    from volseg.anomaly.infer import anomaly_finish, anomaly_prepare
+    from volseg.anomaly.prep import wm_peak
+    from volseg.anomaly.recon import recon_options, reconstruct
+
+    data, mask, meta = synth_brain(778)
+    zooms = np.asarray(meta.zooms, float)
+    cand = np.argwhere(tissue_sites(data, mask, meta.zooms)["deep_wm"])
+    centre = cand[len(cand) // 2]
+    pad = np.ceil(4.0 * 1.6 / zooms).astype(int) + 2
+    lo, hi = np.maximum(centre - pad, 0), np.minimum(centre + pad + 1, mask.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    alpha = lesion_alpha(tuple(hi - lo), centre - lo, 4.0, zooms, "ellipsoid", np.random.default_rng(0)) * mask[box]
+    truth = np.zeros(mask.shape, bool)
+    truth[box] = alpha >= 0.5
+    truth &= mask
+    out = {n: [] for n in names}
+    for level in (0.4, 1.5):
+        img = data.astype(np.float32).copy()
+        img[box] = img[box] * (1 - alpha) + level * wm_peak(data[mask]) * alpha
+        prep = anomaly_prepare(img, mask, meta, model)
+        recons = {}
+        for n in names:
+            cfg = variant_cfg(n)
+            if cfg.maps.normative or cfg.maps.masked_block:
+                continue
+            key = tuple(getattr(cfg.maps, k) for k in RECON_KEYS)
+            if key not in recons:
+                recons[key] = reconstruct(model.net, prep.grid_image[0].numpy(), prep.grid_mask, model.device,
+                                          **recon_options(cfg.maps))
+            amap = anomaly_finish(prep, recons[key], model, cfg, voxel_threshold=np.inf, scale_gains=gains.get(n)).map
+            out[n].append((float(amap[truth].mean()), float(np.percentile(amap[mask & ~truth], 95))))
+    return {n: v for n, v in out.items() if v}
 
 
 if __name__ == "__main__":

@@ -260,8 +260,10 @@ def test_coarse_wide_median_is_a_cheap_regional_level_that_keeps_large_low_contr
     m = dataclasses.replace(MapConfig(), median_sizes=(5, 5, 9), scale_residuals=("abs", "signed", "signed"),
                             scale_steps=(1, 2, 1))
     assert scale_keys(m) == ["5", "5x2", "9"] and scale_steps(m) == (1, 2, 1)
+    two_kinds = dataclasses.replace(m, scale_steps=(1, 1, 1))  # width 5 as |r| and as the signed residual
+    assert scale_keys(two_kinds) == ["5-abs", "5-signed", "9"]
     with pytest.raises(ValueError, match="repeats"):
-        scale_keys(dataclasses.replace(m, scale_steps=(1, 1, 1)))
+        scale_keys(dataclasses.replace(two_kinds, scale_residuals=("abs", "abs", "signed")))
     with pytest.raises(ValueError, match="scale_steps"):
         scale_steps(dataclasses.replace(m, scale_steps=(1, 2)))
 

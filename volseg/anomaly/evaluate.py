@@ -141,24 +141,33 @@ def _arrays(case: Case):
     return data, mask, meta
 
 
+def _reconstructed(model: AnomalyModel, cases: list[Case]):
+    """``(case, mask, prep, recon)`` per case: each brain prepared and reconstructed once, for the
+    calibrations that map the same reconstructions several ways."""
+    from volseg.anomaly.infer import anomaly_prepare
+    from volseg.anomaly.recon import recon_options, reconstruct
+
+    for case in cases:
+        data, mask, meta = _arrays(case)
+        prep = anomaly_prepare(data, mask, meta, model)
+        recon = reconstruct(model.net, prep.grid_image[0].numpy(), prep.grid_mask, model.device,
+                            **recon_options(model.cfg.maps))
+        yield case, mask, prep, recon
+
+
 def _multiscale(model: AnomalyModel, cases: list[Case], fpr: float):
     """(case, mask, result) per case for a multi-scale map, with the gains that put its scales on
     one footing: each width's healthy voxel threshold q_s (pooled over ``cases``, this ``fpr``),
     gain_s = q_first / q_s. Returns the results, the gains and the q_s (keyed by width)."""
     import dataclasses
 
-    from volseg.anomaly.infer import anomaly_finish, anomaly_prepare
-    from volseg.anomaly.recon import recon_options, reconstruct
+    from volseg.anomaly.infer import anomaly_finish
 
     cfg = model.cfg
     sizes, kinds = median_sizes(cfg.maps), scale_residuals(cfg.maps)
     steps, keys = scale_steps(cfg.maps), scale_keys(cfg.maps)
     items, values = [], {k: [] for k in keys}
-    for case in cases:
-        data, mask, meta = _arrays(case)
-        prep = anomaly_prepare(data, mask, meta, model)
-        recon = reconstruct(model.net, prep.grid_image[0].numpy(), prep.grid_mask, model.device,
-                            **recon_options(cfg.maps))
+    for case, mask, prep, recon in _reconstructed(model, cases):
         for s, kind, step, key in zip(sizes, kinds, steps, keys):
             maps = dataclasses.replace(cfg.maps, median_sizes=(s,), scale_residuals=(kind,), scale_steps=(step,))
             one = dataclasses.replace(cfg, maps=maps)
@@ -178,10 +187,9 @@ def _multiscale(model: AnomalyModel, cases: list[Case], fpr: float):
 def _normative_loo(model: AnomalyModel, cases: list[Case]):
     """(case, mask, result) per case with leave-one-out normative statistics, and the statistics
     of all cases."""
-    from volseg.anomaly.infer import anomaly_finish, anomaly_prepare
+    from volseg.anomaly.infer import anomaly_finish
     from volseg.anomaly.maps import signed_residual
     from volseg.anomaly.normative import estimate, mni_template, to_template
-    from volseg.anomaly.recon import recon_options, reconstruct
     from volseg.transforms.register import register_affine
 
     if len(cases) < 3:
@@ -190,11 +198,8 @@ def _normative_loo(model: AnomalyModel, cases: list[Case]):
     sp = cfg.preprocess.grid.spacing_mm
     tmpl, tmask = mni_template(cfg)
     items = []
-    for case in cases:
-        data, mask, meta = _arrays(case)
-        prep = anomaly_prepare(data, mask, meta, model)
+    for case, mask, prep, recon in _reconstructed(model, cases):
         g = prep.grid_image[0].numpy()
-        recon = reconstruct(model.net, g, prep.grid_mask, model.device, **recon_options(cfg.maps))
         tr = register_affine(g, tmpl, sp, fixed_mask=prep.grid_mask)
         r = np.where(prep.grid_mask, signed_residual(g, recon, cfg.maps.residual), 0.0)
         items.append((case, mask, prep, recon, tr, to_template(r, tr, tmpl.shape, sp),

@@ -173,8 +173,6 @@ def median_sizes(maps) -> tuple[int, ...]:
         raise ValueError(f"maps.scale_steps has {len(steps)} steps for {len(sizes)} median widths")
     if min(steps) < 1:
         raise ValueError(f"maps.scale_steps must be 1 or more, got {list(steps)}")
-    if len(set(zip(sizes, steps))) != len(sizes):
-        raise ValueError(f"maps.median_sizes repeats a width: {list(sizes)}")
     return sizes
 
 
@@ -186,8 +184,14 @@ def scale_steps(maps) -> tuple[int, ...]:
 
 def scale_keys(maps) -> list[str]:
     """The name of each width in ``calibration.json``'s ``scale_gains``: the width ("9"), or the
-    width and its block size ("5x2": 5 blocks of 2^3 voxels) for a coarse one."""
-    return [str(s) if k == 1 else f"{s}x{k}" for s, k in zip(median_sizes(maps), scale_steps(maps))]
+    width and its block size ("5x2": 5 blocks of 2^3 voxels) for a coarse one; a width used with
+    two residual kinds gets the kind too ("5-abs", "5-negative"). A width repeated with the same
+    block size and kind is an error."""
+    triples = list(zip(median_sizes(maps), scale_steps(maps), scale_residuals(maps)))
+    if len(set(triples)) != len(triples):
+        raise ValueError(f"maps.median_sizes repeats a width with the same step and residual: {list(maps.median_sizes)}")
+    base = [str(s) if k == 1 else f"{s}x{k}" for s, k, _ in triples]
+    return [b if base.count(b) == 1 else f"{b}-{kind}" for b, (_, _, kind) in zip(base, triples)]
 
 
 def scale_residuals(maps) -> tuple[str, ...]:
