@@ -88,7 +88,8 @@ for _ph in (2, 8):
 for _b in (4, 6):
     for _ph in (2, 8):
         VARIANTS[f"masked{_b}_p{_ph}_bright"] = {"masked_block": _b, "masked_phases": _ph, "masked_mode": "bright"}
-RECON_KEYS = ("passes", "masked_block", "masked_phases", "masked_fill", "masked_iter", "masked_mode")
+VARIANTS["abs5_signed9_tta"] = {"median_sizes": (5, 9), "scale_residuals": ("abs", "signed"), "tta": True}
+RECON_KEYS = ("passes", "tta", "masked_block", "masked_phases", "masked_fill", "masked_iter", "masked_mode")
 
 
 def main() -> int:

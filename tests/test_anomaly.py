@@ -318,6 +318,25 @@ def test_multiscale_calibration_sets_gains_and_a_changed_gain_changes_the_map_fi
     assert gain["anomaly_map"] != base["anomaly_map"] and gain["mask"] == base["mask"]
 
 
+def test_map_settings_added_later_leave_the_identity_of_older_outputs_alone():
+    """scale_steps and tta at their defaults are left out of the anomaly model's identity (what
+    `volseg run` fingerprints), so an upgrade alone recomputes nothing; set, they change it."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from volseg.anomaly.config import AEConfig
+    from volseg.cohort.stages import LATER_MAP_KEYS, anomaly_identity
+
+    cfg = AEConfig()
+    model = SimpleNamespace(info={"sha256": "x", "net": "ae"}, cfg=cfg, calibration=None, normative=None)
+    base = anomaly_identity(model)
+    assert not set(LATER_MAP_KEYS) & set(base["settings"]["maps"])
+    assert "median_sizes" in base["settings"]["maps"]  # older keys stay, at any value
+    for change in ({"tta": True}, {"median_sizes": (5, 5), "scale_steps": (1, 2)}):
+        model.cfg = dataclasses.replace(cfg, maps=dataclasses.replace(cfg.maps, **change))
+        assert anomaly_identity(model)["settings"] != base["settings"], change
+
+
 def test_calibration_and_metrics_agree_with_direct_computations():
     from sklearn.metrics import average_precision_score, roc_auc_score
 

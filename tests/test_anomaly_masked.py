@@ -191,3 +191,22 @@ def test_bright_mode_takes_bright_residuals_from_the_masked_pass_and_dark_from_t
     assert np.array_equal(r_b[~mask], r_plain[~mask])
     with pytest.raises(ValueError, match="masked mode"):
         reconstruct(net, img, mask, "cpu", masked=4, masked_mode="dark")
+
+
+def test_tta_reconstruction_is_the_mean_with_the_mirrored_pass():
+    """maps.tta: the network on the brain and on its left-right mirror image (axis 0 of the grid),
+    mirrored back, averaged inside the brain; off, the plain pass is unchanged."""
+    from volseg.nets.autoencoder import ConvAutoencoder
+
+    torch.manual_seed(1)
+    net = ConvAutoencoder(1, (4, 8), 4, residual=True).eval()
+    img, mask = _brain(shape=(32, 32, 32), seed=4)  # centred: the mirrored brain has the mirrored box
+    plain = reconstruct(net, img, mask, "cpu")
+    mirrored = reconstruct(net, img[::-1].copy(), mask[::-1].copy(), "cpu")[::-1]
+    assert not np.allclose(plain[mask], mirrored[mask], atol=1e-4)  # a random net is not symmetric
+    opts = recon_options(MapConfig(tta=True))
+    assert opts["tta"] is True and recon_options(MapConfig())["tta"] is False
+    tta = reconstruct(net, img, mask, "cpu", **opts)
+    np.testing.assert_allclose(tta[mask], (plain[mask] + mirrored[mask]) / 2, atol=1e-5)
+    np.testing.assert_array_equal(tta[~mask], plain[~mask])  # outside the brain the input is kept
+    assert np.array_equal(reconstruct(net, img, mask, "cpu", tta=False), plain)

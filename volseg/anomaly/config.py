@@ -98,6 +98,7 @@ class MapConfig:
     min_component_voxels: int = 0  # drop connected components of the native mask below this
     n4: bool = True  # N4 inside the brain mask before the grid (off when the image is already corrected)
     passes: int = 1  # network passes, each fed the previous reconstruction inside the brain
+    tta: bool = False  # each pass the mean of the network on the brain and on its left-right mirror image
     normative: bool = False  # residual in units of the healthy spread at each MNI152 location
     normative_sigma_mm: float = 4.0  # smoothing of the healthy mean and spread maps
     # masked passes (volseg.anomaly.recon): each brain voxel reconstructed by a pass that hid it,

@@ -43,7 +43,7 @@ def reconstruct(net, image: np.ndarray, mask: np.ndarray, device, multiple: int 
 def recon_options(maps) -> dict:
     """The keyword arguments of :func:`reconstruct` / :func:`reconstruct_batch` that a maps
     config (:class:`~volseg.anomaly.config.MapConfig`) sets."""
-    return {"passes": maps.passes, "masked": getattr(maps, "masked_block", 0),
+    return {"passes": maps.passes, "tta": bool(getattr(maps, "tta", False)), "masked": getattr(maps, "masked_block", 0),
             "masked_phases": getattr(maps, "masked_phases", 2), "masked_fill": getattr(maps, "masked_fill", "wm"),
             "masked_iter": getattr(maps, "masked_iter", 0.0), "masked_mode": getattr(maps, "masked_mode", "all")}
 
@@ -112,7 +112,7 @@ def hybrid(x: torch.Tensor, masked: torch.Tensor, plain: torch.Tensor) -> torch.
 
 def reconstruct_batch(net, images, masks, device, multiple: int = 16, batch_size: int | None = None,
                       passes: int = 1, masked: int = 0, masked_phases: int = 2, masked_fill: str = "wm",
-                      masked_iter: float = 0.0, masked_mode: str = "all") -> list:
+                      masked_iter: float = 0.0, masked_mode: str = "all", tta: bool = False) -> list:
     """:func:`reconstruct` for several brains.
 
     Each brain is cut to its own bounding box (margin 4, a multiple of ``multiple``); brains whose
@@ -122,7 +122,9 @@ def reconstruct_batch(net, images, masks, device, multiple: int = 16, batch_size
     the network inside the brain, so that what one pass only partly repaired (a lesion partly
     copied through) is repaired further; outside the brain the input is kept. ``masked`` > 0 (cube
     size in voxels) makes the first pass a masked one (:func:`masked_pass`, with
-    ``masked_phases``, ``masked_fill`` and ``masked_iter``); 0 is the plain pass."""
+    ``masked_phases``, ``masked_fill`` and ``masked_iter``); 0 is the plain pass. ``tta``: each
+    plain pass is the mean of the network on the brain and on its left-right mirror image (the
+    working grid is RAS: axis 2 of (B, C, X, Y, Z)), mirrored back: one more network pass."""
     if masked and masked_fill not in MASKED_FILLS:
         raise ValueError(f"masked fill must be one of {MASKED_FILLS}, got {masked_fill!r}")
     if masked and masked_mode not in MASKED_MODES:
@@ -147,7 +149,10 @@ def reconstruct_batch(net, images, masks, device, multiple: int = 16, batch_size
                         x = masked_pass(net, x, inside, int(masked), int(masked_phases), masked_fill,
                                         float(masked_iter))
                     else:
-                        x = torch.where(inside, net(x).float(), x)
+                        y = net(x).float()
+                        if tta:
+                            y = (y + net(x.flip(2)).float().flip(2)) / 2
+                        x = torch.where(inside, y, x)
                 if masked and masked_mode == "bright":
                     x = hybrid(x0, x, torch.where(inside, net(x0).float(), x0))
                 y = x.float().cpu().numpy()

@@ -158,6 +158,11 @@ def build_context(stages, cfg, device="cpu", tta=False, border_mm=None, figures=
     return ctx
 
 
+# map settings added after outputs were first written, with the value that means "as before":
+# left out of the identity at that value, so that upgrading volseg alone recomputes nothing
+LATER_MAP_KEYS = {"scale_steps": [], "tta": False}
+
+
 def anomaly_identity(model) -> dict:
     """Everything of an anomaly model folder that changes a map, a mask or a flag: a retrained or
     recalibrated model makes a rerun recompute what it affects. ``calibration`` and
@@ -179,8 +184,10 @@ def anomaly_identity(model) -> dict:
     if norm is not None:  # the statistics themselves (a recalibration rewrites them)
         map_calib["normative"] = hashlib.sha256(np.ascontiguousarray(norm.mean).tobytes()
                                                 + np.ascontiguousarray(norm.std).tobytes()).hexdigest()[:16]
+    map_settings = {k: v for k, v in maps.items()
+                    if k != "min_component_voxels" and not (k in LATER_MAP_KEYS and v == LATER_MAP_KEYS[k])}
     return {"sha256": info.get("sha256"), "net": info.get("net"),
-            "settings": {**settings, "maps": {k: v for k, v in maps.items() if k != "min_component_voxels"}},
+            "settings": {**settings, "maps": map_settings},
             "map_calibration": map_calib,
             "calibration": calib if raw is not None else None,
             "min_component_voxels": maps.get("min_component_voxels")}
