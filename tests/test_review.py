@@ -390,6 +390,23 @@ def test_cli_serves_until_stopped_by_its_pid(run_dir):
     assert proc.returncode == 0
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_cli_stops_cleanly_when_started_with_sigint_ignored(run_dir, sig):
+    """A script that starts `volseg review &` in a non-interactive shell hands it SIGINT ignored;
+    Ctrl+C / kill -INT and kill (SIGTERM) must still stop it, with exit code 0."""
+    proc = subprocess.Popen(_volseg() + ["review", str(run_dir), "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert "http://" in proc.stdout.readline()
+        os.kill(proc.pid, sig)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_cli_warns_when_bound_beyond_this_machine_and_refuses_a_folder_without_a_run(tmp_path, run_dir):
     proc = subprocess.Popen(_volseg() + ["review", str(run_dir), "--port", "0", "--host", "0.0.0.0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -18,6 +18,7 @@ def cmd_review(args) -> int:
             "volseg review: serving on %s: other machines on that network can open the pages and read the "
             "scans (writes still need the token)", args.host)
     server, app = make_server(args.output, host=args.host, port=args.port)
+    _stop_on_signals()  # before the URL is printed: whoever reads it may stop the server at once
     print(f"volseg review: {app.out} ({len(app.scan_names())} scans); open {url_of(server, app)}", flush=True)
     print("ratings are saved to " + str(app.out / "volseg_ratings.tsv") + "; stop with Ctrl+C", file=sys.stderr,
           flush=True)
@@ -28,6 +29,19 @@ def cmd_review(args) -> int:
     finally:
         server.server_close()
     return EXIT_OK
+
+
+def _stop_on_signals() -> None:
+    """Ctrl+C (SIGINT) and ``kill`` (SIGTERM) stop the server cleanly, also when it was started
+    in the background by a script: a non-interactive shell starts background jobs with SIGINT
+    ignored, and Python then never turns SIGINT into KeyboardInterrupt."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, stop)
 
 
 def register(sub) -> None:
