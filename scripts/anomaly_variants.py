@@ -227,19 +227,14 @@ def small_lesion_check(model, names, variant_cfg, gains) -> dict:
     map inside the lesion and the healthy voxels' 95th percentile (the expected-failure test asks
     the first above the second for the dark one)."""
     from volseg.anomaly.data import synth_brain
-    from volseg.anomaly.families import lesion_alpha, tissue_sites
+    from volseg.anomaly.families import lesion_box, tissue_sites
     from volseg.anomaly.infer import anomaly_finish, anomaly_prepare
     from volseg.anomaly.prep import wm_peak
     from volseg.anomaly.recon import recon_options, reconstruct
 
     data, mask, meta = synth_brain(778)
-    zooms = np.asarray(meta.zooms, float)
     cand = np.argwhere(tissue_sites(data, mask, meta.zooms)["deep_wm"])
-    centre = cand[len(cand) // 2]
-    pad = np.ceil(4.0 * 1.6 / zooms).astype(int) + 2
-    lo, hi = np.maximum(centre - pad, 0), np.minimum(centre + pad + 1, mask.shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    alpha = lesion_alpha(tuple(hi - lo), centre - lo, 4.0, zooms, "ellipsoid", np.random.default_rng(0)) * mask[box]
+    box, alpha = lesion_box(mask, cand[len(cand) // 2], 4.0, meta.zooms, "ellipsoid", np.random.default_rng(0))
     truth = np.zeros(mask.shape, bool)
     truth[box] = alpha >= 0.5
     truth &= mask

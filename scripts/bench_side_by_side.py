@@ -219,48 +219,57 @@ def hd95(pred, ref, spacing=(1.0, 1.0, 1.0)) -> float:
 LEAK_MM = 5.0  # a mask voxel this far outside the reference brain is not brain: scalp, eyes, neck
 
 
-def far_outside_ml(pred, ref, spacing=(1.0, 1.0, 1.0), mm: float = LEAK_MM) -> float:
-    """Volume (mL) of ``pred`` lying more than ``mm`` outside ``ref`` (Euclidean distance, in mm,
-    to the nearest reference voxel): what a brain mask keeps of scalp, eyes, neck or dura, beyond
-    the few millimetres by which careful references of one brain differ at its edge. With the
-    roles swapped, the brain a mask cuts away deeper than ``mm``. NaN when ``ref`` is empty."""
+def far_outside(pred, ref, spacing=(1.0, 1.0, 1.0), mm: float = LEAK_MM):
+    """The voxels of ``pred`` lying more than ``mm`` outside ``ref`` (Euclidean distance, in mm,
+    to the nearest reference voxel), as a boolean array of ``pred``'s shape; None when ``ref`` is
+    empty. The distance transform runs on the masks' box plus the margin only."""
     import numpy as np
     from scipy import ndimage
 
     p, r = np.asarray(pred) > 0, np.asarray(ref) > 0
     if not r.any():
-        return float("nan")
+        return None
+    out = np.zeros(p.shape, bool)
     if not p.any():
-        return 0.0
+        return out
     spacing = tuple(float(x) for x in spacing)
-    pad = [int(np.ceil(mm / z)) + 1 for z in spacing]  # crop to the masks' box plus the margin
+    pad = [int(np.ceil(mm / z)) + 1 for z in spacing]
     idx = np.argwhere(p | r)
     lo = np.maximum(idx.min(0) - pad, 0)
     hi = np.minimum(idx.max(0) + 1 + np.array(pad), p.shape)
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    dist = ndimage.distance_transform_edt(~r[box], sampling=spacing)
-    return float(np.count_nonzero(p[box] & (dist > mm))) * float(np.prod(spacing)) / 1000.0
+    out[box] = p[box] & (ndimage.distance_transform_edt(~r[box], sampling=spacing) > mm)
+    return out
 
 
-def leak_parts(pred, ref, affine, mm: float = LEAK_MM, top: int = 3) -> str:
+def far_outside_ml(pred, ref, spacing=(1.0, 1.0, 1.0), mm: float = LEAK_MM) -> float:
+    """Volume (mL) of :func:`far_outside`: what a brain mask keeps of scalp, eyes, neck or dura,
+    beyond the few millimetres by which careful references of one brain differ at its edge. With
+    the roles swapped, the brain a mask cuts away deeper than ``mm``. NaN when ``ref`` is empty."""
+    import numpy as np
+
+    out = far_outside(pred, ref, spacing, mm)
+    return float("nan") if out is None else float(np.count_nonzero(out)) * float(np.prod(spacing)) / 1000.0
+
+
+def leak_parts(pred, ref, affine, mm: float = LEAK_MM, top: int = 3, leak=None) -> str:
     """Where a mask leaks: its largest connected parts more than ``mm`` outside ``ref``, as
     ``"mL@(R,A,S)"`` with the part's centre minus the reference brain's centre in world mm (RAS):
-    eyes lie anterior and inferior (A > +55), the neck inferior (S < -60), scalp all round."""
+    eyes lie anterior and inferior (A > +55), the neck inferior (S < -60), scalp all round.
+    ``leak``: :func:`far_outside` of the two already computed."""
     import numpy as np
     from scipy import ndimage
 
-    p, r = np.asarray(pred) > 0, np.asarray(ref) > 0
-    if not r.any() or not p.any():
-        return ""
     affine = np.asarray(affine, float)
     zooms = np.linalg.norm(affine[:3, :3], axis=0)
-    leak = p & (ndimage.distance_transform_edt(~r, sampling=zooms) > mm)
-    lab, n = ndimage.label(leak)
-    if n == 0:
+    if leak is None:
+        leak = far_outside(pred, ref, zooms, mm)
+    if leak is None or not leak.any():
         return ""
+    lab, n = ndimage.label(leak)
     sizes = np.bincount(lab.ravel())[1:]
     centres = ndimage.center_of_mass(leak, lab, range(1, n + 1))
-    brain = affine[:3, :3] @ np.argwhere(r).mean(0)
+    brain = affine[:3, :3] @ np.argwhere(np.asarray(ref) > 0).mean(0)
     out = []
     for i in np.argsort(-sizes)[:top]:
         c = affine[:3, :3] @ np.asarray(centres[i]) - brain
@@ -302,9 +311,11 @@ def evaluate(mask_path: Path, ref_path: Path) -> dict:
     m, note = to_reference_grid(np.asanyarray(got.dataobj), got.affine, r.shape, ref.affine)
     zooms = np.linalg.norm(ref.affine[:3, :3], axis=0)
     vox_ml = float(np.prod(zooms)) / 1000.0
+    leak = far_outside(m, r, zooms)  # once, for the volume and for where it lies
     return {"dice": dice(m, r), "hd95_mm": hd95(m, r, zooms), "vol_ml": float(m.sum()) * vox_ml,
-            "ref_vol_ml": float((r > 0).sum()) * vox_ml, "leak_ml": far_outside_ml(m, r, zooms),
-            "cut_ml": far_outside_ml(r, m, zooms), "leak_parts": leak_parts(m, r, ref.affine), "note": note}
+            "ref_vol_ml": float((r > 0).sum()) * vox_ml,
+            "leak_ml": float("nan") if leak is None else float(np.count_nonzero(leak)) * vox_ml,
+            "cut_ml": far_outside_ml(r, m, zooms), "leak_parts": leak_parts(m, r, ref.affine, leak=leak), "note": note}
 
 
 # --------------------------------------------------------------------------- environments

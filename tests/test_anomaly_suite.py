@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from volseg.anomaly.families import FAMILIES, SITES, SIZE_BANDS_MM, insert_family, lesion_alpha, tissue_sites
+from volseg.anomaly.families import FAMILIES, SITES, SIZE_BANDS_MM, insert_family, lesion_alpha, lesion_box, tissue_sites
 
 
 def _synthetic_brain(seed=11):
@@ -330,12 +330,7 @@ def _paint(data, mask, zooms, centre, radius_mm, level_x_wm, rng):
     """One ellipsoid lesion of ``radius_mm`` at ``centre`` (voxel), ``level_x_wm`` x white matter."""
     from volseg.anomaly.prep import wm_peak
 
-    zooms = np.asarray(zooms, dtype=float)
-    pad = np.ceil(radius_mm * 1.6 / zooms).astype(int) + 2
-    lo = np.maximum(np.asarray(centre) - pad, 0)
-    hi = np.minimum(np.asarray(centre) + pad + 1, mask.shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    alpha = lesion_alpha(tuple(hi - lo), np.asarray(centre) - lo, radius_mm, zooms, "ellipsoid", rng) * mask[box]
+    box, alpha = lesion_box(mask, centre, radius_mm, zooms, "ellipsoid", rng)
     img = data.astype(np.float32).copy()
     img[box] = img[box] * (1 - alpha) + level_x_wm * wm_peak(data[mask]) * alpha
     truth = np.zeros(mask.shape, bool)

@@ -114,6 +114,19 @@ def lesion_alpha(shape, centre_vox, radius_mm: float, zooms, kind: str, rng, edg
     return np.clip((1.0 - rho) * radius_mm / max(edge_mm, 1e-3) + 0.5, 0.0, 1.0).astype(np.float32)
 
 
+def lesion_box(mask: np.ndarray, centre_vox, radius_mm: float, zooms, kind: str, rng):
+    """``(box, alpha)``: the slices around one lesion centred at ``centre_vox`` (voxel) with room
+    for its shape, and its occupancy there (:func:`lesion_alpha`) inside ``mask``. Paint with
+    ``image[box] = image[box] * (1 - alpha) + level * alpha``; the lesion is ``alpha >= 0.5``."""
+    zooms = np.asarray(zooms, dtype=float)
+    centre = np.asarray(centre_vox, dtype=float)
+    pad = np.ceil(radius_mm * 1.6 / zooms).astype(int) + 2
+    lo = np.maximum(centre.astype(int) - pad, 0)
+    hi = np.minimum(centre.astype(int) + pad + 1, mask.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    return box, lesion_alpha(tuple(hi - lo), centre - lo, radius_mm, zooms, kind, rng) * mask[box]
+
+
 def brain_bias_field(image: np.ndarray, brain_mask: np.ndarray, zooms) -> np.ndarray:
     """The scan's multiplicative bias field inside its brain (N4 in the mask, volseg's NumPy N4
     with default settings; float32, 1 outside the mask): ``image / field`` is the corrected brain
@@ -161,11 +174,7 @@ def insert_family(image: np.ndarray, brain_mask: np.ndarray, zooms, family: str,
                 break
         placed.append((centre * zooms, radius))
         kind = SHAPES[int(rng.integers(len(SHAPES)))]
-        pad = np.ceil(radius * 1.6 / zooms).astype(int) + 2
-        lo = np.maximum(centre.astype(int) - pad, 0)
-        hi = np.minimum(centre.astype(int) + pad + 1, mask.shape)
-        box = tuple(slice(a, b) for a, b in zip(lo, hi))
-        alpha = lesion_alpha(tuple(hi - lo), centre - lo, radius, zooms, kind, rng) * mask[box]
+        box, alpha = lesion_box(mask, centre, radius, zooms, kind, rng)
         level = wm * rng.uniform(*FAMILIES[family])
         tex = level * (1.0 + texture * _smooth_noise(rng, alpha.shape, 1.0 / float(zooms.mean())))
         out[box] = out[box] * (1 - alpha) + tex * alpha
@@ -177,5 +186,5 @@ def insert_family(image: np.ndarray, brain_mask: np.ndarray, zooms, family: str,
     return out, truth & mask, params
 
 
-__all__ = ["FAMILIES", "SITES", "SHAPES", "SIZE_BANDS_MM", "tissue_sites", "lesion_alpha", "insert_family",
+__all__ = ["FAMILIES", "SITES", "SHAPES", "SIZE_BANDS_MM", "tissue_sites", "lesion_alpha", "lesion_box", "insert_family",
            "brain_bias_field"]

@@ -167,19 +167,18 @@ def anomaly_finish(prep, recon: np.ndarray, model: AnomalyModel, cfg: AEConfig |
 
 def median_sizes(maps) -> tuple[int, ...]:
     """The median filter widths of a map setting (``median_sizes``, else ``median_size`` alone)."""
-    sizes = tuple(int(s) for s in maps.median_sizes) or (int(maps.median_size),)
-    steps = tuple(int(k) for k in getattr(maps, "scale_steps", ())) or (1,) * len(sizes)
-    if len(steps) != len(sizes):
-        raise ValueError(f"maps.scale_steps has {len(steps)} steps for {len(sizes)} median widths")
-    if min(steps) < 1:
-        raise ValueError(f"maps.scale_steps must be 1 or more, got {list(steps)}")
-    return sizes
+    return tuple(int(s) for s in maps.median_sizes) or (int(maps.median_size),)
 
 
 def scale_steps(maps) -> tuple[int, ...]:
     """The block size of each median width (``scale_steps``, else 1 for all: exact medians)."""
-    n = len(median_sizes(maps))  # checks the steps too
-    return tuple(int(k) for k in maps.scale_steps) or (1,) * n
+    n = len(median_sizes(maps))
+    steps = tuple(int(k) for k in maps.scale_steps) or (1,) * n
+    if len(steps) != n:
+        raise ValueError(f"maps.scale_steps has {len(steps)} steps for {n} median widths")
+    if min(steps) < 1:
+        raise ValueError(f"maps.scale_steps must be 1 or more, got {list(steps)}")
+    return steps
 
 
 def scale_keys(maps) -> list[str]:

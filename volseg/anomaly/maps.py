@@ -128,7 +128,7 @@ def filter_scales(r, brain_mask: np.ndarray, erode_vox: int, sizes, gains=None, 
         mask = ndi.binary_erosion(mask, iterations=int(erode_vox))
     out = None
     for size, gain, ri, kind, step in zip(sizes, gains, rs, kinds, steps):
-        m = finish_signed(coarse_filter_map(ri, mask, size, step) if step > 1 else filter_map(ri, mask, 0, size), kind)
+        m = finish_signed(coarse_filter_map(ri, mask, size, step), kind)  # step 1: filter_map itself
         if gain != 1.0:
             m = (m * np.float32(gain)).astype(np.float32)
         out = m if out is None else np.maximum(out, m)

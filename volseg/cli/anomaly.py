@@ -115,11 +115,11 @@ def _map_settings(model, pairs: list[str]) -> dict:
         if not sep or not key.strip():
             raise UsageError(f"--maps {kv!r}: expected KEY=VALUE, e.g. median_sizes=[5,9]")
         data["maps"][key.strip()] = yaml.safe_load(value)
-    from volseg.anomaly.infer import scale_keys, scale_residuals
+    from volseg.anomaly.infer import scale_keys
 
     try:
         cfg = config_from_dict(data, AEConfig, source="--maps")
-        scale_keys(cfg.maps), scale_residuals(cfg.maps)  # widths, steps and kinds agree
+        scale_keys(cfg.maps)  # widths, steps and residual kinds agree (it checks all three)
     except (ValueError, TypeError) as exc:
         raise UsageError(f"--maps: {exc}") from None
     model.cfg = dataclasses.replace(model.cfg, maps=cfg.maps)
