@@ -38,10 +38,10 @@ def test_train_configs_extend_the_base_with_their_own_fields_and_defaults():
     assert {f.name for f in dataclasses.fields(TrainConfig)} - base == {"lambda_dice", "lambda_focal"}
     assert {f.name for f in dataclasses.fields(AETrainConfig)} - base == {"patch"}
     assert dataclasses.asdict(strip) == dict(
-        steps=3000, steps_per_epoch=150, batch_size=1, lr=2e-3, weight_decay=1e-5, seed=0, threads=2,
+        steps=3000, steps_per_epoch=150, batch_size=1, lr=2e-3, weight_decay=1e-5, ema=0.0, seed=0, threads=2,
         device="auto", amp=True, out_dir="runs/strip", lambda_dice=1.0, lambda_focal=1.0)
     assert dataclasses.asdict(ae) == dict(
-        steps=2000, steps_per_epoch=200, batch_size=4, lr=1e-3, weight_decay=1e-5, seed=0, threads=2,
+        steps=2000, steps_per_epoch=200, batch_size=4, lr=1e-3, weight_decay=1e-5, ema=0.0, seed=0, threads=2,
         device="auto", amp=True, out_dir="runs/ae", patch=(64, 64, 64))
     # inherited fields are typed and checked, own fields too, unknown keys are errors
     cfg = config_from_dict({"train": {"lr": 1, "patch": [8, 8, 8]}}, AEConfig)
@@ -157,6 +157,45 @@ def test_strip_best_model_is_chosen_by_validation_dice(tmp_path, tiny_head, monk
     assert s["best_val_dice"] == 0.9 and [float(r["val_dice"]) for r in _rows(run)] == [0.8, 0.6, 0.9]
     assert json.loads((run / "best" / "model.json").read_text())["step"] == 6
     assert torch.load(run / "last.pt", weights_only=True)["best_dice"] == 0.9
+
+
+def test_weight_average_is_validated_exported_checkpointed_and_resumed(tmp_path, tiny_head):
+    from volseg.strip.train import train
+
+    def cfg_with(out, ema):
+        cfg = _strip_cfg(tmp_path, tiny_head, out=out)
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ema=ema))
+
+    full = tmp_path / "full"
+    train(cfg_with("full", 0.5), progress=False)
+    ckpt = torch.load(full / "last.pt", weights_only=True)
+    assert int(ckpt["ema"]["n_averaged"]) == 4  # one update per optimiser step
+    averaged = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    assert set(averaged) == set(ckpt["model"])
+    net, info = load_model(full / "final", kind="strip")
+    assert info["config"]["train"]["ema"] == 0.5
+    to_avg = to_last = 0.0
+    for key, value in net.state_dict().items():  # the export is the average, not the last step
+        assert torch.allclose(value, averaged[key].float(), atol=1e-2), key
+        to_avg = max(to_avg, float((value - averaged[key].float()).abs().max()))
+        to_last = max(to_last, float((value - ckpt["model"][key].float()).abs().max()))
+    assert to_last > 5 * to_avg, (to_last, to_avg)
+    # interrupted and resumed: the average goes on from the checkpoint's, same result
+    part = tmp_path / "part"
+    train(cfg_with("part", 0.5), progress=False, stop_after=2)
+    assert int(torch.load(part / "last.pt", weights_only=True)["ema"]["n_averaged"]) == 2
+    train(cfg_with("part", 0.5), resume=part / "last.pt", progress=False)
+    resumed = torch.load(part / "last.pt", weights_only=True)["ema"]
+    for key, value in ckpt["ema"].items():
+        assert torch.allclose(value.float(), resumed[key].float(), atol=1e-5), key
+    # a checkpoint without an average cannot be resumed with one; the decay is checked
+    plain = tmp_path / "plain"
+    train(cfg_with("plain", 0.0), progress=False, stop_after=2)
+    assert "ema" not in torch.load(plain / "last.pt", weights_only=True)
+    with pytest.raises(ValueError, match="no weight average"):
+        train(cfg_with("plain", 0.5), resume=plain / "last.pt", progress=False)
+    with pytest.raises(ValueError, match="train.ema must be"):
+        train(cfg_with("bad", 1.5), progress=False)
 
 
 # --- the loop with the anomaly hooks --------------------------------------------------------

@@ -76,6 +76,10 @@ class TrainBase:
     batch_size: int = 1  # per process (under torchrun a step sees world_size x batch_size samples)
     lr: float = 1e-3  # peak learning rate
     weight_decay: float = 1e-5
+    # decay of an exponential moving average of the weights (0: off). When on, validation, best/,
+    # final/ and the checkpoint's "ema" use the averaged weights (Polyak averaging: smooths the
+    # step-to-step noise of the last, low-learning-rate part of the schedule)
+    ema: float = 0.0
     seed: int = 0
     threads: int = 2  # torch CPU threads
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -32,18 +32,23 @@ def one_cycle(opt, lr: float, total: int):
                                                pct_start=min(0.5, max(0.05, 2.0 / total)))
 
 
-def save_checkpoint(out: Path, net, opt, sched, step: int, total: int, best_key: str, best: float) -> Path:
-    """``out/last.pt`` (plain tensors and numbers: loadable with ``weights_only=True``), atomically."""
+def save_checkpoint(out: Path, net, opt, sched, step: int, total: int, best_key: str, best: float,
+                    ema=None) -> Path:
+    """``out/last.pt`` (plain tensors and numbers: loadable with ``weights_only=True``), atomically;
+    ``ema``: the weight average (:func:`weight_average`), stored under ``"ema"``."""
     ckpt = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "step": step, best_key: best, "total_steps": total}
+    if ema is not None:
+        ckpt["ema"] = ema.state_dict()
     tmp = Path(out) / ".last.pt.tmp"
     torch.save(ckpt, tmp)
     tmp.replace(Path(out) / "last.pt")
     return Path(out) / "last.pt"
 
 
-def load_checkpoint(path: Path, net, opt, sched, total: int, best_key: str, device) -> tuple[int, float]:
-    """Restore a :func:`save_checkpoint` file of the same schedule; returns (step, best)."""
+def load_checkpoint(path: Path, net, opt, sched, total: int, best_key: str, device, ema=None) -> tuple[int, float]:
+    """Restore a :func:`save_checkpoint` file of the same schedule (and its weight average into
+    ``ema``); returns (step, best)."""
     ckpt = torch.load(path, map_location=device, weights_only=True)
     if int(ckpt.get("total_steps", total)) != total:
         raise ValueError(f"{path}: checkpoint belongs to a {int(ckpt['total_steps'])}-step schedule, "
@@ -51,7 +56,23 @@ def load_checkpoint(path: Path, net, opt, sched, total: int, best_key: str, devi
     net.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
+    if ema is not None:
+        if "ema" not in ckpt:
+            raise ValueError(f"{path}: checkpoint has no weight average (train.ema was off); resume with ema: 0")
+        ema.load_state_dict(ckpt["ema"])
     return int(ckpt["step"]), float(ckpt[best_key])
+
+
+def weight_average(net, decay: float):
+    """An exponential moving average of ``net``'s weights and buffers (``decay`` per step;
+    ``torch.optim.swa_utils``), or None when ``decay`` is 0. It starts at the current weights."""
+    if not decay:
+        return None
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"train.ema must be 0 (off) or between 0 and 1, got {decay}")
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def append_row(log_csv: Path, row: list) -> None:
@@ -207,10 +228,12 @@ def _train(cfg, hooks: TrainHooks, ctx, resume, total: int, progress, stop_after
     opt = torch.optim.Adam(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = one_cycle(opt, tc.lr, total)
     scaler = grad_scaler(device, tc.amp)
+    ema = weight_average(net, getattr(tc, "ema", 0.0))
+    eval_net = ema.module if ema is not None else net  # what is validated and exported
     best_key = f"best_{hooks.metric}"
     step, best, history = 0, hooks.worst, []
     if resume:
-        step, best = load_checkpoint(resume, net, opt, sched, total, best_key, device)
+        step, best = load_checkpoint(resume, net, opt, sched, total, best_key, device, ema)
         log.info("resumed from %s at step %d (best %s %.4f)", resume, step, hooks.metric, best)
     model = dist.wrap_model(net, ctx)  # DDP under torchrun (rank 0's weights broadcast), else net
 
@@ -231,7 +254,7 @@ def _train(cfg, hooks: TrainHooks, ctx, resume, total: int, progress, stop_after
         extra = {"step": step, "validation": validation, **hooks.export_extra(), "config": config_to_dict(cfg)}
         if hooks.model_kind:
             extra["kind"] = hooks.model_kind
-        write_model(net, cfg.net, dest, extra)
+        write_model(eval_net, cfg.net, dest, extra)
 
     running, n_run = 0.0, 0
     bar = tqdm(loader, total=total - step, desc=f"train {hooks.name}", disable=not (progress and main))
@@ -243,6 +266,8 @@ def _train(cfg, hooks: TrainHooks, ctx, resume, total: int, progress, stop_after
         scaler.step(opt)
         scaler.update()
         sched.step()
+        if ema is not None:
+            ema.update_parameters(net)
         step += 1
         running += float(loss.item()); n_run += 1
         bar.set_postfix(loss=f"{running / n_run:.4f}")
@@ -250,7 +275,7 @@ def _train(cfg, hooks: TrainHooks, ctx, resume, total: int, progress, stop_after
             train_loss = dist.all_reduce_mean(running / n_run)  # the mean over the ranks
             running, n_run = 0.0, 0
             if main:  # validates and writes while the other ranks wait at the barrier
-                v = hooks.validate(net, device)
+                v = hooks.validate(eval_net, device)
                 append_row(log_csv, [step, step // tc.steps_per_epoch, train_loss, *(v[c] for c in hooks.columns),
                                      sched.get_last_lr()[0], round(time.perf_counter() - t_start, 1)])
                 history.append({"step": step, "loss": train_loss, **v})
@@ -259,7 +284,7 @@ def _train(cfg, hooks: TrainHooks, ctx, resume, total: int, progress, stop_after
                 if not hooks.val or hooks.better(v[hooks.metric], best):
                     best = v[hooks.metric] if hooks.val else best
                     export(out / "best", v)
-                save_checkpoint(out, net, opt, sched, step, total, best_key, best)
+                save_checkpoint(out, net, opt, sched, step, total, best_key, best, ema)
                 plot_learning_curve(log_csv, out / "learning_curve.png", metric=f"val_{hooks.metric}", **hooks.curve)
             dist.barrier()
         if stop_after is not None and step >= stop_after:
@@ -275,4 +300,4 @@ def _train(cfg, hooks: TrainHooks, ctx, resume, total: int, progress, stop_after
 
 
 __all__ = ["TrainHooks", "train_loop", "one_cycle", "save_checkpoint", "load_checkpoint", "append_row",
-           "plot_learning_curve"]
+           "plot_learning_curve", "weight_average"]
