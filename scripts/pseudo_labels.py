@@ -13,10 +13,13 @@ neither is a volseg dependency), then:
   two averaged, threshold 0.5), largest component, holes filled;
 - ``pairs.csv`` (columns ``image,mask``, for ``data.real`` of a strip config) with the scans
   whose agreement Dice is at least ``--min-dice`` (default 0.97), and ``agreement.tsv`` with
-  every scan's numbers.
+  every scan's numbers;
+- with ``--ignore-band``: also ``<scan>_ignoremask.nii.gz``, the band where the two disagree, and a
+  third column ``ignore`` in ``pairs.csv``: ``volseg train strip`` leaves those voxels out of the
+  loss (:func:`volseg.strip.data.find_pairs`), so the network learns only what both tools say.
 
     .venv/bin/python scripts/pseudo_labels.py -o runs/pseudo IMG [IMG ...]
-        [--anchors-venv runs/anchors-venv] [--hdbet-mode fast|accurate] [--min-dice 0.97]
+        [--anchors-venv runs/anchors-venv] [--hdbet-mode fast|accurate] [--min-dice 0.97] [--ignore-band]
 
 Licences: HD-BET (Apache-2.0) and deepbet (MIT) allow using their outputs as training targets;
 say so in the model card of any model trained on them.
@@ -62,6 +65,8 @@ def main() -> int:
     ap.add_argument("--min-dice", type=float, default=0.97)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per tool process")
+    ap.add_argument("--ignore-band", action="store_true",
+                    help="write the disagreement band as an ignore mask and an 'ignore' column in pairs.csv")
     args = ap.parse_args()
 
     out = args.output.resolve()
@@ -113,7 +118,12 @@ def main() -> int:
         dest = labels / f"{sbs._strip_ext(sources[name].name)}_brainmask.nii.gz"
         nib.save(nib.Nifti1Image(cons, img.affine), str(dest))
         vox = float(np.prod(zooms)) / 1000.0
-        row = {"image": str(sources[name]), "mask": str(dest), "dice_deepbet_hdbet": round(d, 4),
+        ignore = {}
+        if args.ignore_band:
+            ig = labels / f"{sbs._strip_ext(sources[name].name)}_ignoremask.nii.gz"
+            nib.save(nib.Nifti1Image((a ^ b).astype(np.uint8), img.affine), str(ig))
+            ignore = {"ignore": str(ig), "vol_ignored_ml": round((a ^ b).sum() * vox, 1)}
+        row = {"image": str(sources[name]), "mask": str(dest), **ignore, "dice_deepbet_hdbet": round(d, 4),
                "vol_deepbet_ml": round(a.sum() * vox, 1), "vol_hdbet_ml": round(b.sum() * vox, 1),
                "vol_consensus_ml": round(cons.sum() * vox, 1), "used": d >= args.min_dice}
         rows.append(row)
@@ -126,8 +136,9 @@ def main() -> int:
         w.writerows(rows)
     with open(out / "pairs.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["image", "mask"])
-        w.writerows([[r["image"], r["mask"]] for r in pairs])
+        cols = ["image", "mask"] + (["ignore"] if args.ignore_band else [])
+        w.writerow(cols)
+        w.writerows([[r[c] for c in cols] for r in pairs])
     print(f"{len(pairs)} of {len(rows)} scans agree (Dice >= {args.min_dice}); {out / 'pairs.csv'}")
     return 0
 

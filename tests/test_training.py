@@ -159,6 +159,60 @@ def test_strip_best_model_is_chosen_by_validation_dice(tmp_path, tiny_head, monk
     assert torch.load(run / "last.pt", weights_only=True)["best_dice"] == 0.9
 
 
+def test_ignore_mask_rides_with_the_label_and_leaves_its_voxels_out_of_the_loss(tmp_path, tiny_head):
+    """Pseudo-labels (scripts/pseudo_labels.py): a CSV row's ``ignore`` mask is cached as ``valid``
+    on the grid, moves with the label through the augmentation, and the loss does not see what the
+    label says inside it."""
+    from volseg.strip.data import cached_real, find_pairs, load_cached
+    from volseg.strip.train import MixedGridDataset, StripHooks
+
+    image, mask = tiny_head
+    ref = nib.load(mask)
+    ignore = np.zeros(ref.shape, np.uint8)
+    ignore[: ref.shape[0] // 2] = 1  # the left half is not trusted
+    nib.save(nib.Nifti1Image(ignore, ref.affine), tmp_path / "ignore.nii.gz")
+    (tmp_path / "pairs.csv").write_text(f"image,mask,ignore\n{image},{mask},{tmp_path / 'ignore.nii.gz'}\n"
+                                        f"{image},{mask},\n")
+    pairs = find_pairs(tmp_path / "pairs.csv")
+    assert pairs == [(image.resolve(), mask.resolve(), (tmp_path / "ignore.nii.gz").resolve()),
+                     (image.resolve(), mask.resolve())]
+    cfg = _strip_cfg(tmp_path, tiny_head)
+    cached = cached_real(pairs, cfg.preprocess, tmp_path / "cache")
+    assert len(set(cached)) == 2  # the ignore mask is part of the cache key
+    img, m, valid = load_cached(cached[0], with_valid=True)
+    assert load_cached(cached[1], with_valid=True)[2] is None
+    assert valid.shape == m.shape and set(np.unique(valid)) == {0.0, 1.0}
+    # the ignored half of the image is one side of the grid, and the brain is on both sides
+    x_left_out = np.argwhere(valid == 0)[:, 0]
+    assert x_left_out.max() - x_left_out.min() < valid.shape[0] // 2 + 4
+    assert m[valid == 0].sum() > 0.3 * m[valid == 1].sum() > 0
+    no_aug = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=3))
+    ds = MixedGridDataset([cached[0]], [], no_aug, length=1)
+    x, y, w = ds[0]
+    assert x.shape == y.shape == w.shape == (1, *m.shape)
+    assert torch.equal(w[0], torch.from_numpy(valid)) and torch.equal(y[0], torch.from_numpy(m))
+    plain = MixedGridDataset([cached[1]], [], no_aug, length=1)[0]
+    assert len(plain) == 3 and bool((plain[2] == 1).all())
+    # with augmentation the weight moves with the mask (flipped left-right together)
+    flip = dataclasses.replace(cfg, augment=dataclasses.replace(NO_AUG, flip_lr=1.0))
+    xf, yf, wf = MixedGridDataset([cached[0]], [], flip, length=1)[0]
+    assert torch.equal(wf, torch.flip(w, dims=[1])) and torch.equal(yf, torch.flip(y, dims=[1]))
+    # the loss ignores what the label says in the left-out voxels, and only there
+    hooks = StripHooks(cfg)
+    net = torch.nn.Conv3d(1, 1, 3, padding=1)
+    batch = [x[None], y[None], w[None]]
+    from contextlib import nullcontext
+
+    base = float(hooks.loss(net, batch, nullcontext))
+    flipped_inside = torch.where(w > 0, y, 1 - y)
+    assert float(hooks.loss(net, [x[None], flipped_inside[None], w[None]], nullcontext)) == pytest.approx(base, rel=1e-6)
+    flipped_outside = torch.where(w > 0, 1 - y, y)
+    assert abs(float(hooks.loss(net, [x[None], flipped_outside[None], w[None]], nullcontext)) - base) > 0.05
+    net.zero_grad()
+    hooks.loss(net, batch, nullcontext).backward()
+    assert net.weight.grad.abs().sum() > 0
+
+
 def test_weight_average_is_validated_exported_checkpointed_and_resumed(tmp_path, tiny_head):
     from volseg.strip.train import train
 

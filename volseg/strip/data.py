@@ -29,11 +29,14 @@ def _strip_ext(name: str) -> tuple[str, str]:
     return name, ""
 
 
-def find_pairs(spec: str | Path, base: Path | None = None) -> list[tuple[Path, Path]]:
+def find_pairs(spec: str | Path, base: Path | None = None) -> list[tuple]:
     """Image/mask pairs from a CSV (columns ``image,mask``), a folder or one image file.
 
     In a folder (searched recursively) every ``X_brainmask.nii.gz`` (or ``_desc-brain_mask``,
     ``_brain_mask``, ``_mask``) pairs with ``X.nii.gz`` (or ``X_T1w.nii.gz``) beside it.
+    A CSV may add a column ``ignore``: a mask of voxels left out of the loss (where the mask is
+    not trusted, e.g. where two tools' pseudo-labels disagree, ``scripts/pseudo_labels.py``);
+    such rows are ``(image, mask, ignore)`` triples.
     """
     p = Path(spec)
     if base is not None and not p.is_absolute():
@@ -45,7 +48,8 @@ def find_pairs(spec: str | Path, base: Path | None = None) -> list[tuple[Path, P
             rows = list(csv.DictReader(fh))
         if rows and not {"image", "mask"} <= set(rows[0]):
             raise ValueError(f"{p}: CSV needs columns 'image' and 'mask', got {list(rows[0])}")
-        return [((p.parent / r["image"]).resolve(), (p.parent / r["mask"]).resolve()) for r in rows]
+        return [((p.parent / r["image"]).resolve(), (p.parent / r["mask"]).resolve())
+                + (((p.parent / r["ignore"]).resolve(),) if r.get("ignore") else ()) for r in rows]
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if _strip_ext(f.name)[1])
     pairs = []
     for f in files:
@@ -93,21 +97,36 @@ def _key(*parts) -> str:
 
 
 def cached_real(pairs, cfg: Config, cache_dir: Path) -> list[Path]:
-    """Cache every real pair on the grid (N4 as at inference); returns the .npz paths."""
+    """Cache every real pair (or ``(image, mask, ignore)`` triple) on the grid (N4 as at inference);
+    returns the .npz paths. An ignore mask is stored as ``valid`` (1: in the loss)."""
     from volseg.io import load_image
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     out = []
-    for img_path, mask_path in pairs:
+    for pair in pairs:
+        img_path, mask_path = pair[:2]
+        ignore_path = pair[2] if len(pair) > 2 else None
         st = Path(img_path).stat()
-        dest = cache_dir / f"real-{Path(img_path).name.split('.')[0]}-{_key(img_path, st.st_size, st.st_mtime, cfg)}.npz"
+        extra = ()
+        if ignore_path is not None:
+            ist, mst = Path(ignore_path).stat(), Path(mask_path).stat()
+            extra = (ignore_path, ist.st_size, ist.st_mtime, mask_path, mst.st_size, mst.st_mtime)
+        dest = cache_dir / (f"real-{Path(img_path).name.split('.')[0]}-"
+                            f"{_key(img_path, st.st_size, st.st_mtime, cfg, *extra)}.npz")
         if not dest.exists():
             data, meta = load_image(img_path)
             mask, _ = load_image(mask_path)
             if mask.shape != data.shape:
                 raise ValueError(f"{mask_path}: mask shape {mask.shape} differs from image {data.shape}")
-            img, m, _ = grid_pair(data, (mask > 0).astype(np.float32), meta, cfg)
-            _save(dest, img, m, source=str(img_path))
+            img, m, prep = grid_pair(data, (mask > 0).astype(np.float32), meta, cfg)
+            valid = None
+            if ignore_path is not None:
+                ignore, _ = load_image(ignore_path)
+                if ignore.shape != data.shape:
+                    raise ValueError(f"{ignore_path}: ignore mask shape {ignore.shape} differs from image {data.shape}")
+                _, ig, _ = grid_pair(data, (ignore > 0).astype(np.float32), meta, cfg, n4=False)
+                valid = ig < 0.25  # a grid voxel touched by the ignored region is left out too
+            _save(dest, img, m, source=str(img_path), valid=valid)
             log.info("cached %s", dest.name)
         out.append(dest)
     return out
@@ -183,13 +202,19 @@ def _make_synth(args):
     return dest
 
 
-def _save(dest: Path, img: np.ndarray, mask: np.ndarray, source: str) -> None:
+def _save(dest: Path, img: np.ndarray, mask: np.ndarray, source: str, valid: np.ndarray | None = None) -> None:
     tmp = dest.with_name(f".{dest.stem}.tmp.npz")
+    extra = {} if valid is None else {"valid": np.asarray(valid).astype(np.uint8)}
     np.savez_compressed(tmp, image=img.astype(np.float16), mask=(mask > 0.5).astype(np.uint8),
-                        source=np.array(source))
+                        source=np.array(source), **extra)
     tmp.replace(dest)
 
 
-def load_cached(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def load_cached(path: Path, with_valid: bool = False):
+    """(image, mask) of a cached sample, float32; ``with_valid``: also its ``valid`` map (1 where the
+    loss counts; None when the whole volume counts)."""
     with np.load(path) as z:
-        return z["image"].astype(np.float32), z["mask"].astype(np.float32)
+        img, mask = z["image"].astype(np.float32), z["mask"].astype(np.float32)
+        if not with_valid:
+            return img, mask
+        return img, mask, (z["valid"].astype(np.float32) if "valid" in z.files else None)

@@ -53,7 +53,7 @@ class MixedGridDataset(Dataset):
         if path not in self._cache:
             if len(self._cache) > 400:
                 self._cache.clear()
-            self._cache[path] = load_cached(path)
+            self._cache[path] = load_cached(path, with_valid=True)
         return self._cache[path]
 
     def __getitem__(self, i: int):
@@ -61,10 +61,15 @@ class MixedGridDataset(Dataset):
         rng = np.random.default_rng([self.cfg.train.seed, i])
         use_synth = self.synth and (not self.real or rng.random() < self.cfg.data.synth_ratio)
         pool = self.synth if use_synth else self.real
-        img, mask = self._load(pool[int(rng.integers(len(pool)))])
-        d = {"image": torch.from_numpy(img[None].copy()), "label": torch.from_numpy(mask[None].copy())}
+        img, mask, valid = self._load(pool[int(rng.integers(len(pool)))])
+        # an untrusted region (valid = 0) rides along as a second label channel, so every spatial
+        # augmentation moves it with the mask
+        label = mask[None] if valid is None else np.stack([mask, valid])
+        d = {"image": torch.from_numpy(img[None].copy()), "label": torch.from_numpy(label.copy())}
         d = seeded(self.aug, int(rng.integers(2**31)))(d)
-        return torch.as_tensor(d["image"]).float(), (torch.as_tensor(d["label"]) > 0.5).float()
+        lab = torch.as_tensor(d["label"]).float()
+        weight = (lab[1:2] > 0.5).float() if valid is not None else torch.ones_like(lab[:1])
+        return torch.as_tensor(d["image"]).float(), (lab[:1] > 0.5).float(), weight
 
 
 def mask_metrics(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
@@ -134,9 +139,13 @@ class StripHooks(TrainHooks):
         return MixedGridDataset(self.real, self.synth, self.cfg, length=length, start=start)
 
     def loss(self, model, batch, cast):
-        x, y = batch
+        x, y, w = batch
         with cast():
-            return self.loss_fn(model(x), y)
+            logits = model(x)
+            if bool((w < 1).any()):  # left-out voxels: a sure 'outside' on both sides, no gradient
+                logits = torch.where(w > 0, logits, torch.full_like(logits, -30.0))
+                y = y * w
+            return self.loss_fn(logits, y)
 
     def validate(self, net, device) -> dict:
         return validate(net, self.val, device, self.cfg.preprocess.grid.spacing_mm)
