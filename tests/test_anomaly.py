@@ -141,6 +141,16 @@ def test_restoration_loss_balances_corrupted_voxels():
     assert float(restoration_loss(pred, clean, corrupted, 1.0)) == pytest.approx(1.1)
     assert float(restoration_loss(pred, clean, corrupted, 0.0)) == pytest.approx(0.1)
     assert float(restoration_loss(pred, clean, torch.zeros_like(clean), 1.0)) == pytest.approx(0.1)
+    # relative: the unrepaired fraction; copying a faint corruption costs as much as a strong one
+    faint, strong = clean.clone(), clean.clone()
+    faint[..., :1] = 0.1
+    strong[..., :1] = 0.8
+    copy_faint = float(restoration_loss(faint, clean, corrupted, 1.0, noisy=faint))
+    copy_strong = float(restoration_loss(strong, clean, corrupted, 1.0, noisy=strong))
+    assert copy_faint - 0.01 == pytest.approx(1.0) and copy_strong - 0.08 == pytest.approx(1.0)
+    half = clean.clone(); half[..., :1] = 0.05  # half of the faint corruption repaired
+    assert float(restoration_loss(half, clean, corrupted, 1.0, noisy=faint)) == pytest.approx(0.005 + 0.5)
+    assert float(restoration_loss(pred, clean, corrupted, 1.0)) == pytest.approx(1.1)  # absolute as before
 
 
 def test_white_matter_peak_ignores_grey_matter_mode():

@@ -38,6 +38,10 @@ class CorruptionConfig:
     foreign: float = 0.0  # chance that an anomaly's content is tissue moved from elsewhere
     log_contrast: bool = False  # draw |factor - 1| log-uniformly (subtle as often as strong)
     weight: float = 1.0  # weight of the L1 over corrupted voxels beside the L1 over the whole patch
+    # the corrupted-voxel term as the unrepaired fraction of each voxel's corruption
+    # (|x̂ - clean| / |noisy - clean|, at most 2) instead of its L1: copying a faint lesion costs as
+    # much as copying a strong one
+    relative: bool = False
 
 
 @dataclass(frozen=True)

@@ -157,14 +157,19 @@ def grow_csf(x: np.ndarray, mask: np.ndarray, rng, level: float = 0.35) -> np.nd
     return np.where(mask, out, 0.0).astype(np.float32)
 
 
-def restoration_loss(pred, clean, corrupted, weight: float = 1.0):
+def restoration_loss(pred, clean, corrupted, weight: float = 1.0, noisy=None):
     """L1 over the patch plus ``weight`` times the L1 over the corrupted voxels alone (weighted
     by corruption strength). Balancing the two keeps the rare corrupted voxels from being
-    drowned by the healthy ones, where copying the input is already right."""
+    drowned by the healthy ones, where copying the input is already right.
+
+    With ``noisy`` (the corrupted input; ``corruption.relative``) the corrupted-voxel term is the
+    unrepaired fraction of each voxel's corruption, ``|pred - clean| / |noisy - clean|`` (at most 2;
+    changes under 0.02 count as 0.02): copying the input costs 1 whatever the lesion's contrast."""
     err = (pred - clean).abs()
     dims = tuple(range(1, err.dim()))
     whole = err.mean(dim=dims)
-    focus = (corrupted * err).sum(dim=dims) / corrupted.sum(dim=dims).clamp(min=1.0)
+    local = err if noisy is None else (err / (noisy - clean).abs().clamp(min=0.02)).clamp(max=2.0)
+    focus = (corrupted * local).sum(dim=dims) / corrupted.sum(dim=dims).clamp(min=1.0)
     return (whole + weight * focus).mean()
 
 
@@ -237,7 +242,8 @@ class AEHooks(TrainHooks):
         x, y, w = batch
         with cast():
             pred = model(x)
-        return restoration_loss(pred.float(), y, w, self.cfg.corruption.weight)
+        return restoration_loss(pred.float(), y, w, self.cfg.corruption.weight,
+                                noisy=x.float() if self.cfg.corruption.relative else None)
 
     def validate(self, net, device) -> dict:
         return validate(net, self.val, self.cfg, device)
