@@ -121,8 +121,9 @@ def main() -> int:
         ignore = {}
         if args.ignore_band:
             ig = labels / f"{sbs._strip_ext(sources[name].name)}_ignoremask.nii.gz"
-            nib.save(nib.Nifti1Image((a ^ b).astype(np.uint8), img.affine), str(ig))
-            ignore = {"ignore": str(ig), "vol_ignored_ml": round((a ^ b).sum() * vox, 1)}
+            band = a ^ b
+            nib.save(nib.Nifti1Image(band.astype(np.uint8), img.affine), str(ig))
+            ignore = {"ignore": str(ig), "vol_ignored_ml": round(band.sum() * vox, 1)}
         row = {"image": str(sources[name]), "mask": str(dest), **ignore, "dice_deepbet_hdbet": round(d, 4),
                "vol_deepbet_ml": round(a.sum() * vox, 1), "vol_hdbet_ml": round(b.sum() * vox, 1),
                "vol_consensus_ml": round(cons.sum() * vox, 1), "used": d >= args.min_dice}

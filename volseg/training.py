@@ -228,7 +228,7 @@ def _train(cfg, hooks: TrainHooks, ctx, resume, total: int, progress, stop_after
     opt = torch.optim.Adam(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = one_cycle(opt, tc.lr, total)
     scaler = grad_scaler(device, tc.amp)
-    ema = weight_average(net, getattr(tc, "ema", 0.0))
+    ema = weight_average(net, tc.ema)
     eval_net = ema.module if ema is not None else net  # what is validated and exported
     best_key = f"best_{hooks.metric}"
     step, best, history = 0, hooks.worst, []

@@ -75,21 +75,23 @@ def grid_pair(image, mask: np.ndarray | None, meta, cfg: Config, n4: bool = True
     """Image and mask on the working grid: (image float32 (X,Y,Z), mask float32 in [0,1], prep)."""
     import dataclasses
 
-    import torch
-    from monai.data import MetaTensor
-
     from volseg.preprocess import prepare
 
     if not n4:
         cfg = dataclasses.replace(cfg, n4=dataclasses.replace(cfg.n4, backend="none"))
     prep = prepare(image, meta, cfg)
-    img = prep.grid_image
-    grid = prep.grid
-    out_mask = None
-    if mask is not None:
-        mt = MetaTensor(torch.as_tensor(mask[None].astype(np.float32)), affine=torch.as_tensor(meta.affine))
-        out_mask = grid(mt, grid_affine=np.asarray(img.affine))[0].numpy()
-    return img[0].numpy().astype(np.float32), out_mask, prep
+    out_mask = None if mask is None else mask_to_grid(mask, meta, prep)
+    return prep.grid_image[0].numpy().astype(np.float32), out_mask, prep
+
+
+def mask_to_grid(mask: np.ndarray, meta, prep) -> np.ndarray:
+    """A mask of the scan ``meta`` on the working grid that :func:`grid_pair` placed it on (``prep``,
+    its third value): float32 in [0, 1], interpolated as the image was."""
+    import torch
+    from monai.data import MetaTensor
+
+    mt = MetaTensor(torch.as_tensor(np.asarray(mask)[None].astype(np.float32)), affine=torch.as_tensor(meta.affine))
+    return prep.grid(mt, grid_affine=np.asarray(prep.grid_image.affine))[0].numpy()
 
 
 def _key(*parts) -> str:
@@ -124,8 +126,8 @@ def cached_real(pairs, cfg: Config, cache_dir: Path) -> list[Path]:
                 ignore, _ = load_image(ignore_path)
                 if ignore.shape != data.shape:
                     raise ValueError(f"{ignore_path}: ignore mask shape {ignore.shape} differs from image {data.shape}")
-                _, ig, _ = grid_pair(data, (ignore > 0).astype(np.float32), meta, cfg, n4=False)
-                valid = ig < 0.25  # a grid voxel touched by the ignored region is left out too
+                # on the image's own grid placement (no second preprocessing)
+                valid = mask_to_grid(ignore > 0, meta, prep) < 0.25  # a grid voxel touched by it is left out too
             _save(dest, img, m, source=str(img_path), valid=valid)
             log.info("cached %s", dest.name)
         out.append(dest)

@@ -141,11 +141,9 @@ class StripHooks(TrainHooks):
     def loss(self, model, batch, cast):
         x, y, w = batch
         with cast():
-            logits = model(x)
-            if bool((w < 1).any()):  # left-out voxels: a sure 'outside' on both sides, no gradient
-                logits = torch.where(w > 0, logits, torch.full_like(logits, -30.0))
-                y = y * w
-            return self.loss_fn(logits, y)
+            # left-out voxels (w = 0): a sure 'outside' on both sides, no gradient; w = 1 elsewhere
+            logits = torch.where(w > 0, model(x), torch.tensor(-30.0, device=x.device))
+            return self.loss_fn(logits, y * w)
 
     def validate(self, net, device) -> dict:
         return validate(net, self.val, device, self.cfg.preprocess.grid.spacing_mm)
