@@ -68,6 +68,9 @@ VARIANTS = {
     "abs5_signed9_dark5": {"median_sizes": (5, 9, 5), "scale_residuals": ("abs", "signed", "negative")},
     "abs5_signed9_dark3_5": {"median_sizes": (5, 9, 3, 5),
                              "scale_residuals": ("abs", "signed", "negative", "negative")},
+    # the input's brightness above white matter (maps residual "excess", no reconstruction) added
+    "abs5_signed9_excess5": {"median_sizes": (5, 9, 5), "scale_residuals": ("abs", "signed", "excess")},
+    "abs5_signed9_excess9": {"median_sizes": (5, 9, 9), "scale_residuals": ("abs", "signed", "excess")},
 }
 # a variant names map settings over the single-width defaults (median 5^3 of |x - x̂|); "default"
 # is the model's own map (the shipped model's is multi-scale)

@@ -109,6 +109,40 @@ def test_autoencoder_loss_falls_on_synthetic_patches(tmp_path):
     assert losses[-1] < 0.6 * losses[0], losses
 
 
+def test_thick_slice_augmentation_blurs_clean_and_corrupted_patches_along_one_axis(tmp_path):
+    import dataclasses
+
+    from volseg.anomaly.data import _save, synth_brain
+    from volseg.anomaly.prep import prepare_brain
+    from volseg.anomaly.train import PatchDataset, thick_slices
+
+    # the function: slabs averaged along one axis only, a constant kept, fractional widths allowed
+    x = np.zeros((20, 20, 20), np.float32); x[:, :, 10] = 1.0
+    y = thick_slices(x, 2, 2.5)
+    assert y[5, 5, 10] < 0.5 and y[5, 5, 9] > 0 and y[5, 5, 11] > 0  # the sheet spread through-plane
+    np.testing.assert_allclose(thick_slices(x, 0, 2.5), x, atol=1e-6)  # in-plane: unchanged
+    np.testing.assert_allclose(thick_slices(np.ones_like(x), 1, 1.7), 1.0, atol=1e-6)
+    assert np.array_equal(thick_slices(x, 2, 1.0), x)  # a slab of one voxel: nothing to do
+    # in the training samples: the same draw with and without it differs only by that blur
+    cfg = _tiny_cfg(tmp_path)
+    data, mask, meta = synth_brain(7)
+    prep = prepare_brain(data, mask, meta, cfg)
+    npz = tmp_path / "b.npz"
+    _save(npz, image=prep.grid_image[0].numpy(), mask=prep.grid_mask, source="synth")
+    thick = dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, thick_slices=1.0, slice_mm=(6.0, 6.0)))
+    sharp_ds, thick_ds = PatchDataset([npz], [], cfg, length=4), PatchDataset([npz], [], thick, length=4)
+    for i in range(3):
+        (n0, c0, w0), (n1, c1, w1) = sharp_ds.sample(i), thick_ds.sample(i)
+        assert not np.allclose(c0, c1) and not np.allclose(n0, n1)
+        m = c0 != 0
+        # clean and corrupted patches: the same 6 mm (3-voxel) slabs along one and the same axis
+        fits = [a for a in range(3) if np.allclose(c1[m], thick_slices(c0, a, 3.0)[m], atol=1e-5)]
+        assert len(fits) == 1
+        np.testing.assert_allclose(n1[m], thick_slices(n0, fits[0], 3.0)[m], atol=1e-5)
+        assert (c1[~m] == 0).all() and (n1[~m] == 0).all()
+        assert 0 <= w1.min() and w1.max() <= 1.0 and (w1 > 0).sum() >= (w0 > 0.5).sum()
+
+
 def test_train_command_writes_checkpoints_and_resumes(tmp_path):
     from volseg.anomaly.train import train
 
@@ -200,6 +234,31 @@ def test_signed_map_cancels_an_edge_that_changes_sign_and_keeps_a_lesion():
     # it is the larger of the one-sided maps (the median commutes with max(., 0))
     pos, neg = residual_map(x, recon, brain, "positive", 2, 5), residual_map(x, recon, brain, "negative", 2, 5)
     np.testing.assert_allclose(s, np.maximum(pos, neg), atol=1e-6)
+
+
+def test_excess_residual_is_the_brightness_above_white_matter_whatever_the_reconstruction():
+    from volseg.anomaly.infer import scale_residuals
+    from volseg.anomaly.maps import filter_scales, signed_residual
+
+    x = np.ones((40, 40, 40), np.float32)
+    brain = np.zeros_like(x, bool); brain[4:36, 4:36, 4:36] = True
+    x[10:18, 10:18, 10:18] = 1.2  # a subtly bright lesion
+    x[24:32, 24:32, 24:32] = 0.4  # a dark one: no excess
+    x[28:32, 8:12, 8:12] = 0.7  # grey matter
+    copied = x.copy()  # a reconstruction that copies everything: the residual is 0 ...
+    np.testing.assert_array_equal(signed_residual(x, copied, "abs"), 0)
+    e = signed_residual(x, copied, "excess")  # ... the excess is not, and ignores the reconstruction
+    np.testing.assert_array_equal(e, signed_residual(x, np.zeros_like(x), "excess"))
+    assert e[14, 14, 14] == pytest.approx(0.2) and e[28, 28, 28] == 0 and e[30, 10, 10] == 0
+    m = filter_scales([signed_residual(x, copied, "abs"), e], brain, 2, (5, 5), (1.0, 2.0), ["abs", "excess"])
+    assert m[14, 14, 14] == pytest.approx(0.4) and m[28, 28, 28] == 0 and (m[~brain] == 0).all()
+    import dataclasses
+
+    from volseg.anomaly.config import MapConfig
+    mc = dataclasses.replace(MapConfig(), median_sizes=(5, 9, 5), scale_residuals=("abs", "signed", "excess"))
+    assert scale_residuals(mc) == ("abs", "signed", "excess")
+    with pytest.raises(ValueError, match="not one of"):
+        scale_residuals(dataclasses.replace(mc, scale_residuals=("abs", "signed", "bright")))
 
 
 def test_threaded_median_and_multiscale_maps_agree_with_direct_computations():

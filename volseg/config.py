@@ -92,7 +92,7 @@ CHOICES = {
     "n4.mask": ("otsu", "none"),
     "intensity.method": ("percentile", "zscore"),
     "io.nonfinite": ("zero", "error"),
-    "maps.residual": ("abs", "positive", "negative", "signed"),
+    "maps.residual": ("abs", "positive", "negative", "signed", "excess"),
     "maps.masked_fill": ("wm", "median", "blur"),
     "maps.masked_phases": (2, 8),
     "inpaint.fill": ("wm", "median"),

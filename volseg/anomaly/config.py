@@ -70,6 +70,10 @@ class AEAugmentConfig:
     bias: float = 0.3
     noise: float = 0.3
     csf_grow: float = 0.0  # chance of widening the CSF spaces of a clean patch (healthy variation)
+    # chance that a patch is seen as a thick-slice (2D clinical) acquisition: clean and corrupted
+    # patches alike averaged over slabs of `slice_mm` along a random axis and interpolated back
+    thick_slices: float = 0.0
+    slice_mm: tuple[float, float] = (3.0, 6.0)
 
 
 @dataclass(frozen=True)
@@ -88,13 +92,14 @@ class AETrainConfig(TrainBase):
 @dataclass(frozen=True)
 class MapConfig:
     residual: str = "abs"  # abs | positive (x > reconstruction only) | negative | signed (|median(x - x̂)|)
+    # | excess (max(x - 1, 0): the input's own brightness above white matter, no reconstruction)
     erode_mm: float = 4.0  # ignore this rim of the brain mask (partial volume with CSF/skull)
     median_size: int = 5  # 3D median filter width in working-grid voxels (0/1: off)
     # several widths: a multi-scale map, max over the widths of gain * filtered residual, the gains
     # set by `volseg calibrate` (healthy voxel threshold of the first width / that of each width);
     # empty: median_size alone
     median_sizes: tuple[int, ...] = ()
-    # the residual kind of each width (abs | positive | negative | signed); empty: `residual` for all
+    # the residual kind of each width (abs | positive | negative | signed | excess); empty: `residual` for all
     scale_residuals: tuple[str, ...] = ()
     # per width: 1 = exact median on the working grid; k > 1 = median over blocks of k^3 voxels
     # (the width counts blocks, k times wider, at about 1/k^3 of the cost); empty: 1 for all

@@ -29,7 +29,12 @@ def brain_bbox(mask: np.ndarray, margin: int = 0, multiple: int = 1, shape=None)
 def signed_residual(x: np.ndarray, recon: np.ndarray, kind: str = "abs") -> np.ndarray:
     """``"abs"`` |x - x̂|, ``"positive"`` max(x - x̂, 0) (brighter than expected), ``"negative"``
     max(x̂ - x, 0) (darker than expected), ``"signed"`` x - x̂ itself (:func:`residual_map` takes
-    its magnitude after the median filter)."""
+    its magnitude after the median filter), ``"excess"`` max(x - 1, 0): the input's brightness
+    above white matter (1 on the working grid), which ignores ``recon``. On a T1 brain no healthy
+    tissue is much brighter than white matter, while a network with a residual output copies part
+    of every bright lesion through, so its residual is smaller than the lesion's excess."""
+    if kind == "excess":
+        return np.maximum(np.asarray(x, np.float32) - np.float32(1.0), np.float32(0.0))
     d = np.asarray(x, np.float32) - np.asarray(recon, np.float32)
     if kind == "signed":
         return d
@@ -39,7 +44,7 @@ def signed_residual(x: np.ndarray, recon: np.ndarray, kind: str = "abs") -> np.n
         return np.maximum(d, 0)
     if kind == "negative":
         return np.maximum(-d, 0)
-    raise ValueError(f"residual must be abs, positive, negative or signed, got {kind!r}")
+    raise ValueError(f"residual must be abs, positive, negative, signed or excess, got {kind!r}")
 
 
 def filter_map(r: np.ndarray, brain_mask: np.ndarray, erode_vox: int = 2, median_size: int = 5) -> np.ndarray:

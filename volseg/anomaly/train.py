@@ -109,6 +109,11 @@ class PatchDataset(Dataset):
         if rng.random() < cfg.augment.csf_grow:
             clean = grow_csf(clean, m, rng)
         noisy, corrupted = corrupt_patch(clean, m, rng, cfg.corruption, cfg.preprocess.grid.spacing_mm)
+        if cfg.augment.thick_slices > 0 and rng.random() < cfg.augment.thick_slices:  # after the lesions: the acquisition blurs them too
+            axis = int(rng.integers(3))
+            width = rng.uniform(*cfg.augment.slice_mm) / cfg.preprocess.grid.spacing_mm
+            noisy, clean, corrupted = (np.where(m, thick_slices(a, axis, width), 0).astype(np.float32)
+                                       for a in (noisy, clean, corrupted))
         ip = getattr(cfg, "inpaint", None)
         if ip is not None and ip.prob > 0 and rng.random() < ip.prob:
             noisy, corrupted = hide_cubes(noisy, clean, m, corrupted, rng, ip)
@@ -137,6 +142,22 @@ def hide_cubes(noisy: np.ndarray, clean: np.ndarray, mask: np.ndarray, weight: n
     fill = 1.0 if ip.fill == "wm" else float(np.median(noisy[mask]))
     out = np.where(hide, np.float32(fill), noisy).astype(np.float32)
     return out, np.maximum(weight, hide.astype(np.float32) * float(ip.weight))
+
+
+def thick_slices(x: np.ndarray, axis: int, width: float) -> np.ndarray:
+    """``x`` as a thick-slice acquisition would give it on the same grid: averaged over slabs
+    ``width`` voxels thick (fractional widths allowed: area resampling) along ``axis`` and
+    interpolated back linearly. The through-plane detail is lost, in-plane detail kept."""
+    import torch.nn.functional as F
+
+    if width <= 1.0:
+        return np.asarray(x, np.float32)
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None]
+    size = list(x.shape)
+    low = list(size)
+    low[axis] = max(1, int(round(size[axis] / width)))
+    down = F.interpolate(t, size=low, mode="area")
+    return F.interpolate(down, size=size, mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
 def grow_csf(x: np.ndarray, mask: np.ndarray, rng, level: float = 0.35) -> np.ndarray:
