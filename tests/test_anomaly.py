@@ -578,3 +578,44 @@ def test_ae_training_under_torchrun_two_cpu_ranks_identical_weights(tmp_path):
     assert [r.split(",")[0] for r in rows[1:]] == ["2", "4"]  # rank 0 alone wrote
     ckpt = torch.load(run / "last.pt", weights_only=True)
     assert ckpt["step"] == 4 and all(torch.equal(ckpt["model"][k], w0[k]) for k in w0)
+
+
+def test_component_removal_in_mm3_keeps_the_same_volume_whatever_the_voxel_size():
+    import dataclasses
+    from types import SimpleNamespace
+
+    from volseg.anomaly.infer import apply_calibration, min_component
+    from volseg.cohort.stages import Context, anomaly_identity
+    from volseg.strip.config import StripConfig
+
+    base = AEConfig()
+    cfg = dataclasses.replace(base, maps=dataclasses.replace(base.maps, min_component_mm3=64.0))
+    amap = np.zeros((30, 30, 30), np.float32)
+    amap[2:4, 2:4, 2:4] = 1.0  # 8 voxels
+    amap[10:15, 10:15, 10:15] = 1.0  # 125 voxels
+    brain = np.ones(amap.shape, bool)
+
+    def model(c):
+        return SimpleNamespace(voxel_threshold=0.5, scan_threshold=None, calibration={"voxel_threshold": 0.5},
+                               cfg=c, info={"sha256": "w"}, normative=None)
+
+    # 1 mm voxels: 64 of them are needed and the 8-voxel blob goes; 2 mm voxels: 8 x 8 mm^3 = 64 mm^3 stays
+    assert apply_calibration(amap, brain, 0.0, model(cfg), voxel_mm3=1.0)[0].sum() == 125
+    assert apply_calibration(amap, brain, 0.0, model(cfg), voxel_mm3=8.0)[0].sum() == 133
+    assert min_component(cfg, 8.0) == 8 and min_component(cfg, 27.0) == 3 and min_component(base, None) == 0
+    both = dataclasses.replace(cfg, maps=dataclasses.replace(cfg.maps, min_component_voxels=20))
+    assert min_component(both, 8.0) == 20  # the larger of the two rules
+    with pytest.raises(ValueError, match="voxel volume"):
+        apply_calibration(amap, brain, 0.0, model(cfg))
+    assert apply_calibration(amap, brain, 0.0, model(base))[0].sum() == 133  # off by default
+    # a rerun recomputes the anomaly mask, not the map; the default leaves old identities as they were
+
+    def fps(c):
+        ctx = Context(stages=("n4", "strip", "anomaly"), cfg=StripConfig())
+        ctx.models["strip"] = {"sha256": "s"}
+        ctx.models["anomaly"] = anomaly_identity(model(c))
+        return ctx.fingerprints()
+
+    assert "min_component_mm3" not in anomaly_identity(model(base))
+    a, b = fps(base), fps(cfg)
+    assert a["anomaly_map"] == b["anomaly_map"] and a["anomaly_mask"] != b["anomaly_mask"]

@@ -105,6 +105,8 @@ class MapConfig:
     # (the width counts blocks, k times wider, at about 1/k^3 of the cost); empty: 1 for all
     scale_steps: tuple[int, ...] = ()
     min_component_voxels: int = 0  # drop connected components of the native mask below this
+    # the same in mm^3, whatever the voxel size (both apply: the larger voxel count wins)
+    min_component_mm3: float = 0.0
     n4: bool = True  # N4 inside the brain mask before the grid (off when the image is already corrected)
     passes: int = 1  # network passes, each fed the previous reconstruction inside the brain
     tta: bool = False  # each pass the mean of the network on the brain and on its left-right mirror image

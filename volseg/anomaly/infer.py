@@ -147,7 +147,8 @@ def anomaly_finish(prep, recon: np.ndarray, model: AnomalyModel, cfg: AEConfig |
     mask = prep.mask
     amap = np.where(mask, np.maximum(prep.to_native(gmap), 0.0), 0.0).astype(np.float32)
     low, wm = prep.scale["low"], prep.scale["wm"]
-    amask, flag, calib = apply_calibration(amap, mask, score, model, cfg, voxel_threshold)
+    amask, flag, calib = apply_calibration(amap, mask, score, model, cfg, voxel_threshold,
+                                           voxel_mm3=float(np.prod(prep.meta.zooms[:3])))
     t4 = time.perf_counter()
     timings = {k: v for k, v in prep.timings.items() if k != "prepare_s"}
     prep_s = prep.timings.get("prepare_s", 0.0)
@@ -214,17 +215,31 @@ def model_scale_gains(model: AnomalyModel, keys) -> list[float]:
     return [float(stored.get(str(k), 1.0)) for k in keys]
 
 
+def min_component(cfg: AEConfig, voxel_mm3: float | None) -> int:
+    """The smallest anomaly-mask component kept, in native voxels: the larger of
+    ``maps.min_component_voxels`` and ``maps.min_component_mm3`` over the voxel volume."""
+    mc = cfg.maps
+    n = int(mc.min_component_voxels)
+    if mc.min_component_mm3 > 0:
+        if not voxel_mm3 or voxel_mm3 <= 0:
+            raise ValueError("maps.min_component_mm3 needs the voxel volume of the map")
+        n = max(n, int(np.ceil(float(mc.min_component_mm3) / float(voxel_mm3) - 1e-9)))
+    return n
+
+
 def apply_calibration(amap: np.ndarray, brain: np.ndarray, score: float, model: AnomalyModel,
-                      cfg: AEConfig | None = None, voxel_threshold: float | None = None):
+                      cfg: AEConfig | None = None, voxel_threshold: float | None = None,
+                      voxel_mm3: float | None = None):
     """The calibrated verdict on a native-grid anomaly map and its scan score: ``(anomaly mask
     (uint8), flag, sidecar fields)``. The mask is the map above the voxel threshold inside the
-    brain, without components under ``maps.min_component_voxels``; the flag is the score above
-    the scan threshold; both are empty/None for an uncalibrated model. ``volseg run`` applies
-    a new calibration to a stored map with this same function."""
+    brain, without components under ``maps.min_component_voxels`` voxels or
+    ``maps.min_component_mm3`` (``voxel_mm3``: the volume of one native voxel); the flag is the
+    score above the scan threshold; both are empty/None for an uncalibrated model. ``volseg run``
+    applies a new calibration to a stored map with this same function."""
     thr = voxel_threshold if voxel_threshold is not None else model.voxel_threshold
     brain = np.asarray(brain) > 0
     if thr is not None:
-        amask = remove_small((amap > thr) & brain, (cfg or model.cfg).maps.min_component_voxels).astype(np.uint8)
+        amask = remove_small((amap > thr) & brain, min_component(cfg or model.cfg, voxel_mm3)).astype(np.uint8)
     else:
         amask = np.zeros(brain.shape, np.uint8)
     flag = None if model.scan_threshold is None else bool(score > model.scan_threshold)
@@ -289,7 +304,7 @@ def anomaly_file(path, out_dir, model: AnomalyModel, mask_path=None, strip=None)
     return dict(paths, score=res.score, flag=res.flag, timings=res.timings)
 
 
-__all__ = ["AnomalyModel", "AnomalyResult", "load_anomaly_model", "anomaly_volume", "anomaly_prepare",
+__all__ = ["AnomalyModel", "AnomalyResult", "load_anomaly_model", "anomaly_volume", "anomaly_prepare", "min_component",
            "anomaly_finish", "apply_calibration", "median_sizes", "scale_residuals", "scale_steps", "scale_keys",
            "model_scale_gains", "anomaly_file",
            "write_anomaly", "load_brain_input"]

@@ -248,7 +248,8 @@ def refresh_flags(out: Path, scan, ctx) -> dict:
     amap, meta = load_image(paths["anomaly_map"])
     brain, _ = load_image(paths["mask"])
     score = float(rec["measures"]["anomaly_score"])
-    amask, flag, calib = apply_calibration(amap, brain, score, ctx.anomaly_model)
+    amask, flag, calib = apply_calibration(amap, brain, score, ctx.anomaly_model,
+                                           voxel_mm3=float(np.prod(meta.zooms[:3])))
     vol = round(float(amask.sum()) * float(np.prod(meta.zooms)) / 1000.0, 2)
     measures = dict(rec["measures"], anomaly_flag=flag, anomalous_volume_ml=vol)
     figs = {k: out / v for k, v in (rec.get("figures") or {}).items() if k == "anomaly"}

@@ -112,6 +112,8 @@ class Context:
         if "anomaly" in self.stages:
             a = dict(self.models.get("anomaly") or {})
             flags = {"calibration": a.pop("calibration", None), "min_component_voxels": a.pop("min_component_voxels", None)}
+            if "min_component_mm3" in a:  # only when set: outputs written before it existed stay current
+                flags["min_component_mm3"] = a.pop("min_component_mm3")
             fps["anomaly_map"] = _hash([fps.get("mask"), a])
             fps["anomaly_mask"] = _hash([fps["anomaly_map"], flags])
         fps["figures"] = _hash([fps, s["figures"]])
@@ -166,7 +168,7 @@ LATER_MAP_KEYS = {"scale_steps": [], "tta": False}
 def anomaly_identity(model) -> dict:
     """Everything of an anomaly model folder that changes a map, a mask or a flag: a retrained or
     recalibrated model makes a rerun recompute what it affects. ``calibration`` and
-    ``min_component_voxels`` change only the anomaly mask and the flag, except the parts of a
+    ``min_component_voxels`` / ``min_component_mm3`` change only the anomaly mask and the flag, except the parts of a
     calibration that shape the map itself (``map_calibration``: a multi-scale map's gains, the
     normative statistics in use), which change the map."""
     from volseg.config import config_to_dict
@@ -184,13 +186,17 @@ def anomaly_identity(model) -> dict:
     if norm is not None:  # the statistics themselves (a recalibration rewrites them)
         map_calib["normative"] = hashlib.sha256(np.ascontiguousarray(norm.mean).tobytes()
                                                 + np.ascontiguousarray(norm.std).tobytes()).hexdigest()[:16]
+    mask_only = ("min_component_voxels", "min_component_mm3")
     map_settings = {k: v for k, v in maps.items()
-                    if k != "min_component_voxels" and not (k in LATER_MAP_KEYS and v == LATER_MAP_KEYS[k])}
-    return {"sha256": info.get("sha256"), "net": info.get("net"),
-            "settings": {**settings, "maps": map_settings},
-            "map_calibration": map_calib,
-            "calibration": calib if raw is not None else None,
-            "min_component_voxels": maps.get("min_component_voxels")}
+                    if k not in mask_only and not (k in LATER_MAP_KEYS and v == LATER_MAP_KEYS[k])}
+    out = {"sha256": info.get("sha256"), "net": info.get("net"),
+           "settings": {**settings, "maps": map_settings},
+           "map_calibration": map_calib,
+           "calibration": calib if raw is not None else None,
+           "min_component_voxels": maps.get("min_component_voxels")}
+    if maps.get("min_component_mm3"):  # added later; 0 (off) leaves the identity as before
+        out["min_component_mm3"] = maps["min_component_mm3"]
+    return out
 
 
 @dataclass
