@@ -73,6 +73,9 @@ def test_config_file_loads_and_rejects_unknown_keys(tmp_path):
     cfg = load_ae_config("configs/ae.yaml")
     assert cfg.maps.median_size == 5 and cfg.net.channels[0] > 0
     assert cfg.net.residual is True and cfg.corruption.log_contrast is True and cfg.augment.csf_grow == 0.0
+    for name in ("ae_thick", "ae_contrast"):  # stop 26 experiments: stage 2 plus one augmentation each
+        exp = load_ae_config(f"configs/{name}.yaml")
+        assert exp.augment.thick_slices + exp.augment.tissue_contrast == 0.5 and cfg.augment.tissue_contrast == 0
     stage2 = load_ae_config("configs/ae_stage2.yaml")  # the fine-tuning stage of the shipped model
     assert stage2.net == cfg.net and stage2.augment.csf_grow == 0.4 and stage2.train.lr < cfg.train.lr
     bad = tmp_path / "bad.yaml"
@@ -141,6 +144,21 @@ def test_thick_slice_augmentation_blurs_clean_and_corrupted_patches_along_one_ax
         np.testing.assert_allclose(n1[m], thick_slices(n0, fits[0], 3.0)[m], atol=1e-5)
         assert (c1[~m] == 0).all() and (n1[~m] == 0).all()
         assert 0 <= w1.min() and w1.max() <= 1.0 and (w1 > 0).sum() >= (w0 > 0.5).sum()
+
+
+def test_tissue_contrast_moves_grey_matter_and_keeps_white_matter_and_brighter():
+    from volseg.anomaly.train import tissue_contrast
+
+    x = np.linspace(0, 1.6, 161).astype(np.float32)
+    levels = []
+    for seed in range(20):
+        y = tissue_contrast(x, np.random.default_rng(seed), (0.6, 0.93))
+        assert (np.diff(y) >= 0).all()  # monotone: the order of tissues is kept
+        assert y[0] == 0 and np.array_equal(y[x >= 1.0], x[x >= 1.0])  # WM, bright tissue unchanged
+        levels.append(float(y[75]))  # x = 0.75: grey matter of a 3D T1
+    assert min(levels) >= 0.6 - 1e-6 and max(levels) <= 0.93 + 1e-6 and max(levels) - min(levels) > 0.15
+    same = tissue_contrast(x, np.random.default_rng(3)), tissue_contrast(x, np.random.default_rng(3))
+    np.testing.assert_array_equal(*same)  # deterministic by seed
 
 
 def test_train_command_writes_checkpoints_and_resumes(tmp_path):

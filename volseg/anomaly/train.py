@@ -99,7 +99,10 @@ class PatchDataset(Dataset):
         c = cand[int(rng.integers(len(cand)))] if len(cand) else np.asarray(img.shape) // 2
         lo = np.clip(c - ps // 2, 0, np.asarray(img.shape) - ps)
         box = tuple(slice(int(a), int(a + s)) for a, s in zip(lo, ps))
-        sample = {"image": torch.from_numpy(img[box][None].copy()),
+        patch = img[box]
+        if cfg.augment.tissue_contrast > 0 and rng.random() < cfg.augment.tissue_contrast:
+            patch = tissue_contrast(patch, rng, cfg.augment.tissue_level)  # an acquisition's property: first
+        sample = {"image": torch.from_numpy(patch[None].copy()),
                   "mask": torch.from_numpy(mask[box][None].astype(np.float32))}
         self.aug.set_random_state(seed=int(rng.integers(2**31)))
         sample = self.aug(sample)
@@ -142,6 +145,20 @@ def hide_cubes(noisy: np.ndarray, clean: np.ndarray, mask: np.ndarray, weight: n
     fill = 1.0 if ip.fill == "wm" else float(np.median(noisy[mask]))
     out = np.where(hide, np.float32(fill), noisy).astype(np.float32)
     return out, np.maximum(weight, hide.astype(np.float32) * float(ip.weight))
+
+
+def tissue_contrast(x: np.ndarray, rng, level=(0.6, 0.93)) -> np.ndarray:
+    """Another grey/white contrast for a white-matter-scaled patch: values in [0, 1] mapped by the
+    monotone piecewise-linear curve through (0, 0), (0.3, a), (0.75, b), (1, 1), with b drawn from
+    ``level`` and a from [0.2, min(0.45, b - 0.15)]; white matter (1) and brighter tissue are
+    unchanged, so lesion contrasts painted afterwards keep their meaning (multiples of white
+    matter). Clinical 2D T1 scans have far less grey/white contrast than 3D T1 (grey matter near
+    0.9 instead of 0.75)."""
+    b = float(rng.uniform(*level))
+    a = float(rng.uniform(0.2, max(0.2, min(0.45, b - 0.15))))
+    x = np.asarray(x, np.float32)
+    low = np.interp(x, [0.0, 0.3, 0.75, 1.0], [0.0, a, b, 1.0]).astype(np.float32)
+    return np.where(x < 1.0, low, x).astype(np.float32)
 
 
 def thick_slices(x: np.ndarray, axis: int, width: float) -> np.ndarray:
