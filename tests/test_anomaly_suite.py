@@ -390,3 +390,26 @@ def test_validation_cases_cover_four_brains_and_keep_lesions_inside_the_given_ma
     assert lesion.any() and not (lesion & ~mask).any()
     assert float(np.median(img[lesion])) > 1.2 * float(np.median(img[mask & ~lesion]))
     assert len(validation_cases(shared, per_family=1, healthy=True)) == 4 * (len(FAMILIES) + 1)
+
+
+def test_diagnose_script_reports_the_painted_contrast_and_the_map_in_a_validation_case(shared_data):
+    """scripts/anomaly_diagnose.py on one validation case: the grey-like lesions it paints measure
+    0.6-0.8x the tissue around them, and the map level inside them is reported."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not (shared_data / "healthy" / "T1_brain_c1.nii.gz").exists():
+        pytest.skip("T1_brain_c1 not in the shared data")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "anomaly_diagnose.py"
+    out = subprocess.run([sys.executable, str(script), "--groups", "grey", "--brains", "T1_brain_c1",
+                          "--per-family", "1"], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, VOLSEG_SHARED_DATA=str(shared_data)), check=True).stdout
+    line = [ln for ln in out.splitlines() if ln.startswith("T1_brain_c1_grey0:")]
+    assert len(line) == 1, out
+    contrasts = [float(v) for v in re.search(r"surroundings \[([^\]]*)\]", line[0]).group(1).split(",")]
+    assert contrasts and np.median(contrasts) == pytest.approx(0.72, abs=0.1)
+    level = float(re.search(r"median map in lesions ([0-9.]+)", line[0]).group(1))
+    assert level > 0.05  # in this 3D T1 brain the shipped model does see grey-like lesions
