@@ -73,12 +73,12 @@ class AEAugmentConfig:
     # chance that a patch is seen as a thick-slice (2D clinical) acquisition: clean and corrupted
     # patches alike averaged over slabs of `slice_mm` along a random axis and interpolated back
     thick_slices: float = 0.0
+    slice_mm: tuple[float, float] = (3.0, 6.0)
     # chance that a clean patch gets another grey/white contrast: intensities below white matter
     # remapped by a monotone curve through (0.3, a) and (0.75, b), white matter and above unchanged
     # (b drawn from `tissue_level`: 0.75 = as is; clinical 2D T1 brains put grey matter near 0.9)
     tissue_contrast: float = 0.0
     tissue_level: tuple[float, float] = (0.6, 0.93)
-    slice_mm: tuple[float, float] = (3.0, 6.0)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from volseg.anomaly.config import AEConfig
@@ -165,8 +166,6 @@ def thick_slices(x: np.ndarray, axis: int, width: float) -> np.ndarray:
     """``x`` as a thick-slice acquisition would give it on the same grid: averaged over slabs
     ``width`` voxels thick (fractional widths allowed: area resampling) along ``axis`` and
     interpolated back linearly. The through-plane detail is lost, in-plane detail kept."""
-    import torch.nn.functional as F
-
     if width <= 1.0:
         return np.asarray(x, np.float32)
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None]
