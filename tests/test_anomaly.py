@@ -215,6 +215,59 @@ def test_white_matter_peak_ignores_grey_matter_mode():
     assert wm_peak(np.concatenate([gm, wm, csf])) == pytest.approx(135, abs=5)
 
 
+def test_grey_matching_moves_the_median_and_keeps_white_matter_brighter_tissue_and_order():
+    from volseg.anomaly.prep import match_grey
+
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.normal(0.93, 0.03, 6000), rng.normal(1.0, 0.02, 4000),  # low-contrast GM, WM
+                        rng.normal(0.35, 0.05, 1000), rng.uniform(1.1, 1.5, 200)]).astype(np.float32)  # CSF, lesion
+    x = np.clip(x, 0.0, None).reshape(1, 1, -1)
+    mask = np.ones(x.shape, bool)
+    mask[..., :5] = False  # outside the brain: 0 after matching
+    y, med = match_grey(x, mask, 0.77)
+    assert med == pytest.approx(np.median(x[mask]))
+    assert np.median(y[mask]) == pytest.approx(0.77, abs=1e-3)
+    inside = mask.ravel()
+    order = np.argsort(x.ravel()[inside])
+    assert np.all(np.diff(y.ravel()[inside][order]) >= -1e-6)  # monotone
+    top = x >= 1.0
+    np.testing.assert_array_equal(y[top & mask], x[top & mask])  # white matter and bright lesions unchanged
+    assert not y[~mask].any()
+    csf = mask & (x < 0.5)
+    assert np.all(y[csf] < x[csf])
+    # "raise" leaves a scan of ordinary contrast alone and treats a low-contrast one as "both" does
+    hi = np.where(mask, x * 0.8, 0).astype(np.float32)  # median about 0.74
+    assert match_grey(hi, mask, 0.77, "raise")[0] is hi
+    assert np.median(match_grey(hi, mask, 0.77, "both")[0][mask]) == pytest.approx(0.77, abs=1e-3)
+    np.testing.assert_array_equal(match_grey(x, mask, 0.77, "raise")[0], y)
+    assert match_grey(x, mask, 0.0)[0] is x  # off
+
+
+def test_grey_matching_runs_inside_prepare_brain_and_is_recorded():
+    import dataclasses
+
+    from volseg.anomaly.prep import prepare_brain
+    from volseg.io import ImageMeta
+
+    rng = np.random.default_rng(2)
+    shape = (40, 48, 40)
+    mask = np.zeros(shape, bool)
+    mask[6:34, 8:40, 6:34] = True
+    data = np.where(mask, rng.normal(100, 3, shape), 0).astype(np.float32)
+    u = rng.random(shape)
+    data[mask & (u < 0.55)] = 93.0  # a low-contrast "grey matter" around the median
+    data[mask & (u > 0.95)] = 30.0  # CSF
+    meta = ImageMeta(path="t.nii.gz", affine=np.diag([2.0, 2.0, 2.0, 1.0]), shape=shape, zooms=(2.0, 2.0, 2.0))
+    cfg = AEConfig()
+    plain = prepare_brain(data, mask, meta, cfg, n4=False)
+    cfg2 = dataclasses.replace(cfg, maps=dataclasses.replace(cfg.maps, grey_median=0.77))
+    matched = prepare_brain(data, mask, meta, cfg2, n4=False)
+    g0, g1 = plain.grid_image[0].numpy(), matched.grid_image[0].numpy()
+    m = plain.grid_mask
+    assert "median" not in plain.scale and matched.scale["median"] == pytest.approx(np.median(g0[m]))
+    assert np.median(g0[m]) > 0.85 and np.median(g1[m]) == pytest.approx(0.77, abs=0.01)
+
+
 def test_residual_map_median_erosion_and_signs():
     x = np.zeros((40, 40, 40), np.float32)
     brain = np.zeros_like(x, bool); brain[5:35, 5:35, 5:35] = True
@@ -419,7 +472,8 @@ def test_map_settings_added_later_leave_the_identity_of_older_outputs_alone():
     base = anomaly_identity(model)
     assert not set(LATER_MAP_KEYS) & set(base["settings"]["maps"])
     assert "median_sizes" in base["settings"]["maps"]  # older keys stay, at any value
-    for change in ({"tta": True}, {"median_sizes": (5, 5), "scale_steps": (1, 2)}):
+    for change in ({"tta": True}, {"median_sizes": (5, 5), "scale_steps": (1, 2)}, {"grey_median": 0.77},
+                   {"grey_mode": "raise"}):
         model.cfg = dataclasses.replace(cfg, maps=dataclasses.replace(cfg.maps, **change))
         assert anomaly_identity(model)["settings"] != base["settings"], change
 

@@ -97,6 +97,7 @@ CHOICES = {
     "maps.masked_phases": (2, 8),
     "inpaint.fill": ("wm", "median"),
     "maps.masked_mode": ("all", "bright"),
+    "maps.grey_mode": ("both", "raise"),
 }
 
 

@@ -113,6 +113,10 @@ class MapConfig:
     # the same in mm^3, whatever the voxel size (both apply: the larger voxel count wins)
     min_component_mm3: float = 0.0
     n4: bool = True  # N4 inside the brain mask before the grid (off when the image is already corrected)
+    # > 0: the brain's median put at this level (white-matter units) before the network, white matter
+    # and brighter unchanged (volseg.anomaly.prep.match_grey); grey_mode: both | raise (only a median above it, low-contrast scans)
+    grey_median: float = 0.0
+    grey_mode: str = "both"
     passes: int = 1  # network passes, each fed the previous reconstruction inside the brain
     tta: bool = False  # each pass the mean of the network on the brain and on its left-right mirror image
     normative: bool = False  # residual in units of the healthy spread at each MNI152 location

@@ -50,6 +50,27 @@ def wm_scale(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, dict]:
     return np.clip(out, *CLIP).astype(np.float32), {"low": low, "wm": wm}
 
 
+def match_grey(scaled: np.ndarray, mask: np.ndarray, target: float, mode: str = "both") -> tuple[np.ndarray, float]:
+    """Put the brain's median at ``target`` (white-matter units) by a monotone piecewise-linear
+    curve through (0, 0), (median, target) and (1, 1), identity above white matter.
+
+    On a white-matter scale the brain's median is mostly grey matter: 0.73-0.85 on the 3D T1
+    brains the shipped network was trained on, 0.91-0.96 on 2D spin-echo clinical T1, whose grey/
+    white contrast is low. The curve gives such a scan the grey/white contrast the network knows;
+    white matter (1) and everything brighter, where bright lesions lie, are unchanged. ``mode``:
+    ``both`` moves any median to ``target``; ``raise`` (the contrast) only a median above it.
+    Returns the mapped image (0 outside ``mask``) and the median before."""
+    inside = scaled[mask]
+    med = float(np.median(inside)) if inside.size else 0.0
+    if target <= 0 or not 0.05 < med < 0.99 or (mode == "raise" and med <= target):
+        return scaled, med
+    x = scaled
+    low = x * (target / med)
+    mid = target + (x - med) * ((1.0 - target) / (1.0 - med))
+    out = np.where(x <= med, low, np.where(x <= 1.0, mid, x))
+    return np.where(mask, out, 0.0).astype(np.float32), med
+
+
 @dataclass
 class BrainPrepared:
     meta: ImageMeta
@@ -123,10 +144,13 @@ def prepare_brain(data: np.ndarray, mask: np.ndarray, meta: ImageMeta, cfg, n4: 
         scaled, scale = wm_scale(g_img[0].numpy(), g_mask)
     except ValueError as exc:
         raise InputError(meta.path, str(exc)) from None
+    mc = getattr(cfg, "maps", None)
+    if mc is not None and getattr(mc, "grey_median", 0.0) > 0:
+        scaled, scale["median"] = match_grey(scaled, g_mask, mc.grey_median, mc.grey_mode)
     g_img[0] = torch.as_tensor(scaled)
     t2 = time.perf_counter()
     return BrainPrepared(meta=meta, native=native, mask=mask, grid_image=g_img, grid_mask=g_mask, grid=grid,
                          scale=scale, timings={"n4_s": round(t1 - t0, 3), "grid_s": round(t2 - t1, 3)})
 
 
-__all__ = ["BrainPrepared", "prepare_brain", "wm_peak", "wm_scale", "check_brain_mask"]
+__all__ = ["BrainPrepared", "prepare_brain", "match_grey", "wm_peak", "wm_scale", "check_brain_mask"]

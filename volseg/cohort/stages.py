@@ -162,7 +162,7 @@ def build_context(stages, cfg, device="cpu", tta=False, border_mm=None, figures=
 
 # map settings added after outputs were first written, with the value that means "as before":
 # left out of the identity at that value, so that upgrading volseg alone recomputes nothing
-LATER_MAP_KEYS = {"scale_steps": [], "tta": False}
+LATER_MAP_KEYS = {"scale_steps": [], "tta": False, "grey_median": 0.0, "grey_mode": "both"}
 
 
 def anomaly_identity(model) -> dict:
