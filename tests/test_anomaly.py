@@ -266,6 +266,11 @@ def test_grey_matching_runs_inside_prepare_brain_and_is_recorded():
     m = plain.grid_mask
     assert "median" not in plain.scale and matched.scale["median"] == pytest.approx(np.median(g0[m]))
     assert np.median(g0[m]) > 0.85 and np.median(g1[m]) == pytest.approx(0.77, abs=0.01)
+    # the working-grid cache of training brains keys on it when on, and keeps older keys when off
+    from volseg.anomaly.data import _prep_key
+
+    assert _prep_key(cfg) == (cfg.preprocess, cfg.maps.n4)
+    assert _prep_key(cfg2) != _prep_key(cfg) and _prep_key(cfg2)[-1] == (0.77, "both")
 
 
 def test_residual_map_median_erosion_and_signs():

@@ -65,6 +65,14 @@ def load_brain(spec: str) -> tuple[np.ndarray, np.ndarray, ImageMeta]:
     return data, mask, meta
 
 
+def _prep_key(cfg) -> tuple:
+    """What of ``cfg`` shapes a brain on the working grid (the cache key): the preprocessing, N4, and
+    the grey matching when it is on (off leaves the keys of caches made before it as they were)."""
+    m = cfg.maps
+    extra = ((m.grey_median, m.grey_mode),) if getattr(m, "grey_median", 0.0) > 0 else ()
+    return (cfg.preprocess, m.n4, *extra)
+
+
 def cached_brains(specs, cfg, cache_dir: Path) -> list[Path]:
     """Each healthy brain on the working grid (``image``, ``mask`` in an .npz), made once."""
     from volseg.anomaly.prep import prepare_brain
@@ -74,7 +82,7 @@ def cached_brains(specs, cfg, cache_dir: Path) -> list[Path]:
     for spec in specs:
         p = Path(expand_path(spec))
         stamp = (p.stat().st_size, p.stat().st_mtime) if p.exists() else ()
-        dest = cache_dir / f"brain-{p.name.split('.')[0]}-{_key(spec, stamp, cfg.preprocess, cfg.maps.n4)}.npz"
+        dest = cache_dir / f"brain-{p.name.split('.')[0]}-{_key(spec, stamp, *_prep_key(cfg))}.npz"
         if not dest.exists():
             data, mask, meta = load_brain(spec)
             prep = prepare_brain(data, mask, meta, cfg)
@@ -103,7 +111,7 @@ def cached_synth_brains(count: int, seed: int, cfg, cache_dir: Path) -> list[Pat
     out = []
     for i in range(count):
         s = cohort_seed(seed, i)
-        dest = cache_dir / f"synth-{s}-{_key(s, cfg.preprocess, cfg.maps.n4)}.npz"
+        dest = cache_dir / f"synth-{s}-{_key(s, *_prep_key(cfg))}.npz"
         if not dest.exists():
             data, mask, meta = synth_brain(s)
             prep = prepare_brain(data, mask, meta, cfg)
@@ -130,7 +138,7 @@ def cached_validation(specs, cfg, cache_dir: Path, seed: int = 77) -> list[Path]
         sites = field = None
         for k, family in enumerate(FAMILIES):
             # lesions painted into the bias-corrected brain, the field put back (benchmark.synthetic_cases)
-            key = _key(spec, stamp, seed, "families", "bias-aware", family, cfg.preprocess, cfg.maps.n4)
+            key = _key(spec, stamp, seed, "families", "bias-aware", family, *_prep_key(cfg))
             dest = cache_dir / f"val-{p.name.split('.')[0]}_{family}-{key}.npz"
             if not dest.exists():
                 data, mask, meta = load_brain(spec)
