@@ -243,8 +243,10 @@ def test_grey_matching_moves_the_median_and_keeps_white_matter_brighter_tissue_a
     assert match_grey(x, mask, 0.0)[0] is x  # off
 
 
-def test_grey_matching_runs_inside_prepare_brain_and_is_recorded():
+def test_grey_matching_runs_inside_prepare_brain_and_is_recorded(tiny_model):
     import dataclasses
+
+    from volseg.anomaly.infer import anomaly_volume, load_anomaly_model
 
     from volseg.anomaly.prep import prepare_brain
     from volseg.io import ImageMeta
@@ -271,6 +273,12 @@ def test_grey_matching_runs_inside_prepare_brain_and_is_recorded():
 
     assert _prep_key(cfg) == (cfg.preprocess, cfg.maps.n4)
     assert _prep_key(cfg2) != _prep_key(cfg) and _prep_key(cfg2)[-1] == (0.77, "both")
+    # the map's sidecar says what was done
+    model = load_anomaly_model(tiny_model)
+    mcfg = dataclasses.replace(model.cfg, maps=dataclasses.replace(model.cfg.maps, grey_median=0.77))
+    scale = anomaly_volume(data, mask, meta, model, cfg=mcfg, n4=False).info["IntensityScale"]
+    assert scale["grey_median"] == 0.77 and scale["grey_mode"] == "both" and scale["brain_median"] > 0.77
+    assert "brain_median" not in anomaly_volume(data, mask, meta, model, n4=False).info["IntensityScale"]
 
 
 def test_residual_map_median_erosion_and_signs():

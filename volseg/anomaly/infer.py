@@ -159,7 +159,9 @@ def anomaly_finish(prep, recon: np.ndarray, model: AnomalyModel, cfg: AEConfig |
     info = {"Model": {"sha256": model.info.get("sha256"), "net": model.info.get("net"), "kind": "ae"},
             **calib, "Maps": {k: getattr(mc, k) for k in mc.__dataclass_fields__},
             **({"ScaleGains": dict(zip(keys, gains))} if len(sizes) > 1 else {}),
-            "IntensityScale": {"low": low, "white_matter": wm},
+            "IntensityScale": {"low": low, "white_matter": wm,
+                               **({"brain_median": prep.scale["median"], "grey_median": mc.grey_median,
+                                   "grey_mode": mc.grey_mode} if "median" in prep.scale else {})},
             "ScanScore": score, "ScanScoreDefinition": f"mean of the top {cfg.calibration.score_top_percent}% "
                                                        "of anomaly-map values in the brain on the 2 mm grid"}
     return AnomalyResult(map=amap, mask=amask, score=score, flag=flag,
