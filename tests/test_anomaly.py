@@ -276,9 +276,20 @@ def test_grey_matching_runs_inside_prepare_brain_and_is_recorded(tiny_model):
     # the map's sidecar says what was done
     model = load_anomaly_model(tiny_model)
     mcfg = dataclasses.replace(model.cfg, maps=dataclasses.replace(model.cfg.maps, grey_median=0.77))
-    scale = anomaly_volume(data, mask, meta, model, cfg=mcfg, n4=False).info["IntensityScale"]
+    res_m = anomaly_volume(data, mask, meta, model, cfg=mcfg, n4=False)
+    res_p = anomaly_volume(data, mask, meta, model, n4=False)
+    scale = res_m.info["IntensityScale"]
     assert scale["grey_median"] == 0.77 and scale["grey_mode"] == "both" and scale["brain_median"] > 0.77
-    assert "brain_median" not in anomaly_volume(data, mask, meta, model, n4=False).info["IntensityScale"]
+    assert "brain_median" not in res_p.info["IntensityScale"]
+    # the benchmark's no-model baselines see the brain before matching, whatever the model's setting
+    from volseg.anomaly.benchmark import baseline_maps
+
+    assert plain.grid_unmatched is None
+    np.testing.assert_array_equal(matched.grid_unmatched, g0)
+    bm, bp = baseline_maps(res_m, mcfg, None), baseline_maps(res_p, model.cfg, None)
+    assert set(bm) == {"raw", "wm_distance"}
+    for k in bm:
+        np.testing.assert_array_equal(bm[k], bp[k])
 
 
 def test_residual_map_median_erosion_and_signs():

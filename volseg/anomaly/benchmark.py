@@ -156,9 +156,11 @@ class Template:
 
 
 def baseline_maps(res, cfg, template: Template | None) -> dict[str, np.ndarray]:
-    """The no-model scores of one case on its native grid (same post-processing as the model)."""
+    """The no-model scores of one case on its native grid (same post-processing as the model),
+    from the brain on the white-matter scale before any grey matching: no-model scores never
+    depend on the model's input settings."""
     prep = res.prep
-    g = prep.grid_image[0].numpy()
+    g = prep.grid_unmatched if getattr(prep, "grid_unmatched", None) is not None else prep.grid_image[0].numpy()
     gm = prep.grid_mask
     erode = int(round(cfg.maps.erode_mm / cfg.preprocess.grid.spacing_mm))
     grids = {"raw": (g, np.zeros_like(g)), "wm_distance": (g, np.where(gm, 1.0, 0.0).astype(np.float32))}

@@ -81,6 +81,7 @@ class BrainPrepared:
     grid: object  # the HeadGrid, to invert grid maps
     scale: dict
     timings: dict
+    grid_unmatched: np.ndarray | None = None  # the scaled brain before grey matching (when it was on)
 
     def to_native(self, grid_map: np.ndarray, mode: str = "bilinear") -> np.ndarray:
         """A working-grid array back on the native grid (the input's shape), 0 outside the
@@ -145,12 +146,16 @@ def prepare_brain(data: np.ndarray, mask: np.ndarray, meta: ImageMeta, cfg, n4: 
     except ValueError as exc:
         raise InputError(meta.path, str(exc)) from None
     mc = getattr(cfg, "maps", None)
+    unmatched = None
     if mc is not None and getattr(mc, "grey_median", 0.0) > 0:
+        unmatched = scaled
         scaled, scale["median"] = match_grey(scaled, g_mask, mc.grey_median, mc.grey_mode)
+        unmatched = None if scaled is unmatched else unmatched
     g_img[0] = torch.as_tensor(scaled)
     t2 = time.perf_counter()
     return BrainPrepared(meta=meta, native=native, mask=mask, grid_image=g_img, grid_mask=g_mask, grid=grid,
-                         scale=scale, timings={"n4_s": round(t1 - t0, 3), "grid_s": round(t2 - t1, 3)})
+                         scale=scale, timings={"n4_s": round(t1 - t0, 3), "grid_s": round(t2 - t1, 3)},
+                         grid_unmatched=unmatched)
 
 
 __all__ = ["BrainPrepared", "prepare_brain", "match_grey", "wm_peak", "wm_scale", "check_brain_mask"]
