@@ -292,6 +292,18 @@ def test_grey_matching_runs_inside_prepare_brain_and_is_recorded(tiny_model):
         np.testing.assert_array_equal(bm[k], bp[k])
 
 
+def test_shipped_model_matches_low_contrast_brains_and_fine_tuning_keeps_it(tmp_path):
+    """The shipped model's settings (2026-12-08): grey matching on for low-contrast brains only, and
+    a site fine-tuning from it prepares the lab's controls the same way."""
+    from volseg.anomaly.adapt import finetune_config
+    from volseg.anomaly.infer import load_anomaly_model
+
+    shipped = load_anomaly_model(None).cfg.maps
+    assert shipped.grey_median == pytest.approx(0.77) and shipped.grey_mode == "raise"
+    ft = finetune_config(PACKAGE_MODELS / "ae", [str(tmp_path / "c.nii.gz")], tmp_path / "ft")
+    assert ft.maps.grey_median == shipped.grey_median and ft.maps.grey_mode == shipped.grey_mode
+
+
 def test_residual_map_median_erosion_and_signs():
     x = np.zeros((40, 40, 40), np.float32)
     brain = np.zeros_like(x, bool); brain[5:35, 5:35, 5:35] = True
