@@ -290,6 +290,9 @@ def test_grey_matching_runs_inside_prepare_brain_and_is_recorded(tiny_model):
     assert set(bm) == {"raw", "wm_distance"}
     for k in bm:
         np.testing.assert_array_equal(bm[k], bp[k])
+    from volseg.anomaly.benchmark import Template  # the template baseline's MNI152 brain too
+
+    np.testing.assert_array_equal(Template(mcfg).image, Template(model.cfg).image)
 
 
 def test_shipped_model_matches_low_contrast_brains_and_fine_tuning_keeps_it(tmp_path):

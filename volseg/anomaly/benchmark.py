@@ -139,12 +139,15 @@ def real_cases(shared: Path) -> list[SuiteCase]:
 
 
 class Template:
-    """nilearn's MNI152 2009 brain on its own working grid, white-matter scaled."""
+    """nilearn's MNI152 2009 brain on its own working grid, white-matter scaled (never grey
+    matched: like the brains of :func:`baseline_maps`, whatever the model's input settings)."""
 
     def __init__(self, cfg):
+        import dataclasses
+
         from volseg.anomaly.normative import mni_template
 
-        self.image, self.mask = mni_template(cfg)
+        self.image, self.mask = mni_template(dataclasses.replace(cfg, maps=dataclasses.replace(cfg.maps, grey_median=0.0)))
         self.spacing = cfg.preprocess.grid.spacing_mm
 
     def on(self, fixed: np.ndarray, fixed_mask: np.ndarray) -> np.ndarray:
@@ -160,7 +163,7 @@ def baseline_maps(res, cfg, template: Template | None) -> dict[str, np.ndarray]:
     from the brain on the white-matter scale before any grey matching: no-model scores never
     depend on the model's input settings."""
     prep = res.prep
-    g = prep.grid_unmatched if getattr(prep, "grid_unmatched", None) is not None else prep.grid_image[0].numpy()
+    g = prep.grid_unmatched if prep.grid_unmatched is not None else prep.grid_image[0].numpy()
     gm = prep.grid_mask
     erode = int(round(cfg.maps.erode_mm / cfg.preprocess.grid.spacing_mm))
     grids = {"raw": (g, np.zeros_like(g)), "wm_distance": (g, np.where(gm, 1.0, 0.0).astype(np.float32))}

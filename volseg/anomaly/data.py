@@ -69,7 +69,7 @@ def _prep_key(cfg) -> tuple:
     """What of ``cfg`` shapes a brain on the working grid (the cache key): the preprocessing, N4, and
     the grey matching when it is on (off leaves the keys of caches made before it as they were)."""
     m = cfg.maps
-    extra = ((m.grey_median, m.grey_mode),) if getattr(m, "grey_median", 0.0) > 0 else ()
+    extra = ((m.grey_median, m.grey_mode),) if m.grey_median > 0 else ()
     return (cfg.preprocess, m.n4, *extra)
 
 

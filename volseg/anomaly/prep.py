@@ -54,7 +54,7 @@ def match_grey(scaled: np.ndarray, mask: np.ndarray, target: float, mode: str = 
     """Put the brain's median at ``target`` (white-matter units) by a monotone piecewise-linear
     curve through (0, 0), (median, target) and (1, 1), identity above white matter.
 
-    On a white-matter scale the brain's median is mostly grey matter: 0.73-0.85 on the 3D T1
+    On a white-matter scale the brain's median is mostly grey matter: 0.75-0.78 on the real 3D T1
     brains the shipped network was trained on, 0.91-0.96 on 2D spin-echo clinical T1, whose grey/
     white contrast is low. The curve gives such a scan the grey/white contrast the network knows;
     white matter (1) and everything brighter, where bright lesions lie, are unchanged. ``mode``:
@@ -64,10 +64,9 @@ def match_grey(scaled: np.ndarray, mask: np.ndarray, target: float, mode: str = 
     med = float(np.median(inside)) if inside.size else 0.0
     if target <= 0 or not 0.05 < med < 0.99 or (mode == "raise" and med <= target):
         return scaled, med
-    x = scaled
-    low = x * (target / med)
-    mid = target + (x - med) * ((1.0 - target) / (1.0 - med))
-    out = np.where(x <= med, low, np.where(x <= 1.0, mid, x))
+    low = scaled * (target / med)
+    mid = target + (scaled - med) * ((1.0 - target) / (1.0 - med))
+    out = np.where(scaled <= med, low, np.where(scaled <= 1.0, mid, scaled))
     return np.where(mask, out, 0.0).astype(np.float32), med
 
 
@@ -145,12 +144,11 @@ def prepare_brain(data: np.ndarray, mask: np.ndarray, meta: ImageMeta, cfg, n4: 
         scaled, scale = wm_scale(g_img[0].numpy(), g_mask)
     except ValueError as exc:
         raise InputError(meta.path, str(exc)) from None
-    mc = getattr(cfg, "maps", None)
     unmatched = None
-    if mc is not None and getattr(mc, "grey_median", 0.0) > 0:
-        unmatched = scaled
-        scaled, scale["median"] = match_grey(scaled, g_mask, mc.grey_median, mc.grey_mode)
-        unmatched = None if scaled is unmatched else unmatched
+    if cfg.maps.grey_median > 0:
+        matched, scale["median"] = match_grey(scaled, g_mask, cfg.maps.grey_median, cfg.maps.grey_mode)
+        if matched is not scaled:
+            unmatched, scaled = scaled, matched
     g_img[0] = torch.as_tensor(scaled)
     t2 = time.perf_counter()
     return BrainPrepared(meta=meta, native=native, mask=mask, grid_image=g_img, grid_mask=g_mask, grid=grid,
